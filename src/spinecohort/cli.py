@@ -1,0 +1,127 @@
+"""`spinecohort` command line: one subcommand per workflow step.
+
+Errors the user can fix (bad arguments, bad manifest, unwritable folder) end
+as one line on stderr and exit status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+log = logging.getLogger("spinecohort")
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {}
+
+
+def _command(name: str):
+    def register(fn: Callable[[argparse.Namespace], None]):
+        _COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spinecohort", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("phantom", help="write a synthetic phantom cohort (BIDS tree + references + manifest)")
+    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("--subjects", type=_positive, default=4, help="number of subjects (default 4)")
+    p.add_argument("--preset", default="small", help="grid preset: small (coarse, fast) or nako (448x448x15)")
+    p.add_argument("--seed", type=_non_negative, default=0, help="random seed (default 0)")
+    p.add_argument("--first-index", type=_non_negative, default=1, help="index of the first subject (default 1)")
+    p.add_argument("--anomaly", default="none", help="none, l6, t13 or random transitional vertebrae")
+    p.add_argument("--batch-size", type=_positive, default=10, help="images per batch in the manifest")
+    p.add_argument("--snapshot", action="store_true", help="also write a PNG per image")
+
+    p = sub.add_parser("manifest", help="build a cohort manifest from a BIDS tree, or check a TSV")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bids", type=Path, help="BIDS root holding sub-*/[ses-*/]anat/*_T2w.nii.gz")
+    src.add_argument("--check", type=Path, help="a hand-written manifest TSV to check and batch")
+    p.add_argument("--references", type=Path, help="derivatives folder with SPINEPS-named reference masks")
+    p.add_argument("--previous", type=Path, help="earlier manifest whose batches are kept")
+    p.add_argument("--batch-size", type=_positive, default=100, help="images per batch (default 100)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="manifest TSV to write")
+
+    from . import pipeline
+
+    pipeline.add_stage_parsers(sub)
+    return parser
+
+
+@_command("phantom")
+def _phantom(args: argparse.Namespace) -> None:
+    from .phantom import write_cohort
+
+    path = write_cohort(
+        args.out,
+        subjects=args.subjects,
+        preset=args.preset,
+        seed=args.seed,
+        first_index=args.first_index,
+        anomaly=args.anomaly,
+        batch_size=args.batch_size,
+        snapshot=args.snapshot,
+    )
+    print(path)
+
+
+@_command("manifest")
+def _manifest(args: argparse.Namespace) -> None:
+    from . import cohort, io
+
+    if args.bids is not None:
+        rows = cohort.manifest_from_bids(args.bids, references=args.references)
+    else:
+        table = cohort.pd.read_csv(args.check, sep="\t", dtype=str, keep_default_na=False)
+        rows = cohort.resolve_paths(cohort.check_manifest(table, source=str(args.check), require_batch=False), args.check.parent)
+    # Images that already have a batch (in --previous, or in the checked TSV) keep it.
+    previous = cohort.read_manifest(args.previous) if args.previous else rows[rows["batch"] != ""] if "batch" in rows else None
+    rows = cohort.relative_paths(rows.drop(columns="batch", errors="ignore"), args.output.parent)
+    table = cohort.assign_batches(rows, batch_size=args.batch_size, previous=previous)
+    io.write_tsv(args.output, cohort.check_manifest(table, source=str(args.output)))
+    log.info("wrote %d rows in %d batches to %s", len(table), table["batch"].nunique(), args.output)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Our own logger only: third-party INFO chatter stays out of job logs.
+    handler_ = logging.StreamHandler()
+    handler_.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler_)
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    from .cohort import ManifestError
+    from .io import ImageError
+
+    handler = _COMMANDS.get(args.command) or args.handler
+    try:
+        handler(args)
+    except (ManifestError, ImageError, ValueError, OSError) as exc:
+        print(f"spinecohort {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

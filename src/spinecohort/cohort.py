@@ -1,0 +1,207 @@
+"""The cohort manifest: one row per image, with a stable batch id.
+
+Columns: subject, session, region, image_id, image, reference_semantic,
+reference_instance, batch. Relative paths are relative to the manifest's own
+folder, so a cohort folder can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+from .labels import REGIONS
+
+__all__ = [
+    "COLUMNS",
+    "ManifestError",
+    "SAFE_ID",
+    "STATION_ALIASES",
+    "assign_batches",
+    "check_manifest",
+    "manifest_from_bids",
+    "read_manifest",
+    "resolve_paths",
+]
+
+COLUMNS = ("subject", "session", "region", "image_id", "image", "reference_semantic", "reference_instance", "batch")
+# Ids become file names: BIDS label characters only.
+SAFE_ID = re.compile(r"^[A-Za-z0-9]+$")
+SAFE_IMAGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+BATCH_ID = re.compile(r"^b[0-9]{4,}$")
+
+# How NAKO (German station names) and SPINEPS users name the stations.
+STATION_ALIASES = {
+    "hws": "cervical",
+    "bws": "thoracic",
+    "lws": "lumbar",
+    "c": "cervical",
+    "t": "thoracic",
+    "l": "lumbar",
+    "cspine": "cervical",
+    "tspine": "thoracic",
+    "lspine": "lumbar",
+    **{r: r for r in REGIONS},
+}
+
+
+class ManifestError(ValueError):
+    """A manifest that the workflow cannot start with; the message names the rows."""
+
+
+def _entities(name: str) -> dict[str, str]:
+    stem = name.split(".")[0]
+    return dict(part.split("-", 1) for part in stem.split("_") if "-" in part)
+
+
+def manifest_from_bids(root: str | Path, *, references: str | Path | None = None) -> pd.DataFrame:
+    """Rows for every sagittal T2w station image under a BIDS `root`.
+
+    The station comes from the `chunk` entity (NAKO: HWS/BWS/LWS; also
+    cervical/thoracic/lumbar). Files with an `acq` entity that is not sagittal
+    are skipped. With `references`, SPINEPS-named masks
+    (`<stem>_mod-T2w_seg-spine_msk.nii.gz`, `..._seg-vert_msk.nii.gz`) are
+    looked up at the mirrored place in that derivatives folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ManifestError(f"BIDS folder {root} does not exist")
+    rows, unknown = [], []
+    for path in sorted(root.glob("sub-*/**/anat/*_T2w.nii.gz")):
+        ent = _entities(path.name)
+        if "acq" in ent and "sag" not in ent["acq"].lower():
+            continue
+        region = STATION_ALIASES.get(ent.get("chunk", "").lower())
+        if region is None:
+            unknown.append(f"{path} (chunk={ent.get('chunk')!r})")
+            continue
+        stem = path.name[: -len("_T2w.nii.gz")]
+        row = {
+            "subject": ent["sub"],
+            "session": ent.get("ses", ""),
+            "region": region,
+            "image_id": stem,
+            "image": str(path),
+            "reference_semantic": "",
+            "reference_instance": "",
+        }
+        if references is not None:
+            ref_dir = Path(references) / path.parent.relative_to(root)
+            for col, seg in (("reference_semantic", "spine"), ("reference_instance", "vert")):
+                ref = ref_dir / f"{stem}_mod-T2w_seg-{seg}_msk.nii.gz"
+                row[col] = str(ref) if ref.is_file() else ""
+        rows.append(row)
+    if unknown:
+        raise ManifestError("T2w images with no recognisable station (chunk entity): " + "; ".join(unknown))
+    if not rows:
+        raise ManifestError(f"no sagittal T2w images (sub-*/[ses-*/]anat/*_T2w.nii.gz) under {root}")
+    return pd.DataFrame(rows)
+
+
+def assign_batches(rows: pd.DataFrame, *, batch_size: int, previous: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Give every row a batch id, keeping the batch of every image already in `previous`.
+
+    New images never join an existing batch (that would redo a finished one):
+    they fill new batches, in (region, subject, session) order.
+
+    >>> rows = pd.DataFrame({"image_id": ["a", "b", "c"], "region": ["lumbar"] * 3,
+    ...                      "subject": ["1", "2", "3"], "session": [""] * 3})
+    >>> first = assign_batches(rows.iloc[:2], batch_size=2)
+    >>> list(assign_batches(rows, batch_size=2, previous=first)["batch"])
+    ['b0001', 'b0001', 'b0002']
+    """
+    if batch_size < 1:
+        raise ManifestError(f"batch size must be at least 1, got {batch_size}")
+    out = rows.copy()
+    known: dict[str, str] = {}
+    if previous is not None and len(previous):
+        known = dict(zip(previous["image_id"], previous["batch"]))
+    out["batch"] = [known.get(i, "") for i in out["image_id"]]
+    start = 1 + max((int(b[1:]) for b in known.values()), default=0)
+    new = out[out["batch"] == ""].sort_values(["region", "subject", "session", "image_id"])
+    for k, idx in enumerate(new.index):
+        out.loc[idx, "batch"] = f"b{start + k // batch_size:04d}"
+    return out.sort_values(["batch", "image_id"]).reset_index(drop=True)
+
+
+def check_manifest(table: pd.DataFrame, *, source: str = "manifest", require_batch: bool = True) -> pd.DataFrame:
+    """Check columns, ids, regions and uniqueness; return the table with all columns as str.
+
+    With ``require_batch=False`` an empty batch is accepted (batches are assigned later).
+    Raises ManifestError naming each offending row (1-based, header excluded).
+    """
+    optional = ("session", "image_id", "reference_semantic", "reference_instance", "batch")
+    missing = [c for c in COLUMNS if c not in table.columns and c not in optional]
+    if missing:
+        raise ManifestError(f"{source}: missing column(s) {', '.join(missing)}")
+    table = table.copy()
+    for col in COLUMNS:
+        if col not in table.columns:
+            table[col] = ""
+        table[col] = table[col].fillna("").astype(str)
+    # A hand-written manifest may leave image_id out: derive it from the key.
+    no_id = table["image_id"] == ""
+    table.loc[no_id, "image_id"] = [
+        f"sub-{r.subject}" + (f"_ses-{r.session}" if r.session else "") + f"_chunk-{r.region}" for r in table[no_id].itertuples()
+    ]
+    problems = []
+    for i, row in enumerate(table.itertuples(index=False), start=1):
+        if not SAFE_ID.match(row.subject):
+            problems.append(f"row {i}: unsafe subject id {row.subject!r} (letters and digits only)")
+        if row.session and not SAFE_ID.match(row.session):
+            problems.append(f"row {i}: unsafe session id {row.session!r} (letters and digits only)")
+        if not SAFE_IMAGE_ID.match(row.image_id) or ".." in row.image_id:
+            problems.append(f"row {i}: unsafe image_id {row.image_id!r}")
+        if row.region not in REGIONS:
+            problems.append(f"row {i}: region {row.region!r} is not one of {', '.join(REGIONS)}")
+        if (require_batch or row.batch) and not BATCH_ID.match(row.batch):
+            problems.append(f"row {i}: batch {row.batch!r} does not look like b0001")
+        if not row.image:
+            problems.append(f"row {i}: empty image path")
+    for col, what in (("image_id", "image_id"), ("image", "image path")):
+        dup = table[col][table[col].duplicated(keep=False) & (table[col] != "")]
+        for value in sorted(set(dup)):
+            rows = [str(i + 1) for i in dup.index[dup == value]]
+            problems.append(f"rows {', '.join(rows)}: duplicate {what} {value!r}")
+    key = table[["subject", "session", "region"]].apply(tuple, axis=1)
+    for value in sorted(set(key[key.duplicated(keep=False)])):
+        rows = [str(i + 1) for i in key.index[key == value]]
+        problems.append(f"rows {', '.join(rows)}: subject/session/region {value} appears twice")
+    if problems:
+        raise ManifestError(f"{source}: " + "; ".join(problems))
+    return table[list(COLUMNS)]
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """Read and check a manifest TSV; ids stay strings."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest {path} does not exist")
+    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    return check_manifest(table, source=str(path))
+
+
+def resolve_paths(table: pd.DataFrame, base: str | Path, columns: Iterable[str] = ("image", "reference_semantic", "reference_instance")) -> pd.DataFrame:
+    """Make relative paths relative to `base` (the manifest's folder); empty stays empty."""
+    out = table.copy()
+    base = Path(base)
+    for col in columns:
+        out[col] = [str(base / p) if p and not Path(p).is_absolute() else p for p in out[col]]
+    return out
+
+
+def relative_paths(table: pd.DataFrame, base: str | Path) -> pd.DataFrame:
+    """Inverse of `resolve_paths` for paths under `base`, so the cohort folder can move."""
+    out = table.copy()
+    base = Path(base).resolve()
+    for col in ("image", "reference_semantic", "reference_instance"):
+        values = []
+        for p in out[col]:
+            if p and Path(p).resolve().is_relative_to(base):
+                p = str(Path(p).resolve().relative_to(base))
+            values.append(p)
+        out[col] = values
+    return out
