@@ -1,0 +1,163 @@
+"""Building SPINEPS-format nnU-Net model folders (plans, dataset.json, inference_config.json).
+
+`write_random_semantic_model` makes a real nnU-Net v2 trained-model folder with
+randomly initialised weights: every file format is the real one, only the
+segmentations are meaningless. The workflow uses it as the demo model until
+trained demo models ship, and tests use it for the mechanics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import io
+from . import labels as L
+
+__all__ = ["nnunet_plans", "nnunet_dataset_json", "semantic_inference_config", "write_random_semantic_model"]
+
+# Model output index k + 1 predicts SEMANTIC_LABELS[k].
+SEMANTIC_INDEX = {k + 1: lab for k, lab in enumerate(L.SEMANTIC_LABELS)}
+
+
+def nnunet_dataset_json(n_classes: int, *, channel: str = "T2w") -> dict[str, Any]:
+    labels = {"background": 0}
+    labels.update({f"class_{k}": k for k in range(1, n_classes)})
+    return {"channel_names": {"0": channel}, "labels": labels, "numTraining": 0, "file_ending": ".nii.gz"}
+
+
+def nnunet_plans(
+    *,
+    spacing_zyx: Sequence[float],
+    patch_zyx: Sequence[int],
+    features: Sequence[int] = (4, 8, 16, 32),
+    strides: Sequence[Sequence[int]] = ((1, 1, 1), (1, 2, 2), (2, 2, 2), (1, 2, 2)),
+    batch_size: int = 2,
+    name: str = "Dataset900_SpineCohortDemo",
+) -> dict[str, Any]:
+    """A one-configuration (3d_fullres) nnU-Net v2 plans dict with a PlainConvUNet.
+
+    Spacing and patch are in nnU-Net's (z, y, x) order, the reverse of the
+    NIfTI axes.
+    """
+    n = len(features)
+    kernel = [[3, 3, 3]] * n
+    arch = {
+        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+        "arch_kwargs": {
+            "n_stages": n,
+            "features_per_stage": list(features),
+            "conv_op": "torch.nn.modules.conv.Conv3d",
+            "kernel_sizes": kernel,
+            "strides": [list(s) for s in strides],
+            "n_conv_per_stage": [2] * n,
+            "n_conv_per_stage_decoder": [2] * (n - 1),
+            "conv_bias": True,
+            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+            "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+            "dropout_op": None,
+            "dropout_op_kwargs": None,
+            "nonlin": "torch.nn.LeakyReLU",
+            "nonlin_kwargs": {"inplace": True},
+        },
+        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+    }
+    resampling = {
+        "resampling_fn_data": "resample_data_or_seg_to_shape",
+        "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+        "resampling_fn_seg": "resample_data_or_seg_to_shape",
+        "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+        "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+        "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
+    }
+    config = {
+        "data_identifier": "nnUNetPlans_3d_fullres",
+        "preprocessor_name": "DefaultPreprocessor",
+        "batch_size": batch_size,
+        "patch_size": list(patch_zyx),
+        "median_image_size_in_voxels": list(patch_zyx),
+        "spacing": [float(s) for s in spacing_zyx],
+        "normalization_schemes": ["ZScoreNormalization"],
+        "use_mask_for_norm": [False],
+        "architecture": arch,
+        "batch_dice": False,
+        **resampling,
+    }
+    return {
+        "dataset_name": name,
+        "plans_name": "nnUNetPlans",
+        "original_median_spacing_after_transp": [float(s) for s in spacing_zyx],
+        "original_median_shape_after_transp": list(patch_zyx),
+        "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "configurations": {"3d_fullres": config},
+        "experiment_planner_used": "spinecohort",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {
+            "0": {"max": 1.0, "mean": 0.0, "median": 0.0, "min": 0.0, "percentile_00_5": 0.0, "percentile_99_5": 1.0, "std": 1.0}
+        },
+    }
+
+
+def semantic_inference_config(
+    *, orientation: Sequence[str], spacing: Sequence[float], folds: int, name: str
+) -> dict[str, Any]:
+    """SPINEPS `inference_config.json` for a T2w semantic nnU-Net (mirroring off)."""
+    return {
+        "log_name": name,
+        "modality": "T2w",
+        "acquisition": "sag",
+        "modeltype": "nnunet",
+        "model_expected_orientation": list(orientation),
+        "resolution_range": [float(s) for s in spacing],
+        "available_folds": folds,
+        "inference_augmentation": False,
+        "default_step_size": 0.5,
+        "labels": {str(k): v for k, v in SEMANTIC_INDEX.items()},
+    }
+
+
+def write_random_semantic_model(
+    out: str | Path,
+    *,
+    orientation: Sequence[str] = ("P", "I", "R"),
+    spacing: Sequence[float] = (2.0, 2.0, 4.4),
+    patch_zyx: Sequence[int] = (16, 96, 96),
+    features: Sequence[int] = (4, 8, 16, 32),
+    folds: int = 3,
+    seed: int = 0,
+) -> Path:
+    """Write an nnU-Net v2 model folder with random weights (one seed per fold).
+
+    Checkpoints hold what nnU-Net's predictor reads: `network_weights`,
+    `trainer_name`, `init_args.configuration` and
+    `inference_allowed_mirroring_axes` (None: mirroring off).
+    """
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    out = Path(out)
+    n_classes = len(SEMANTIC_INDEX) + 1
+    plans = nnunet_plans(spacing_zyx=list(spacing)[::-1], patch_zyx=patch_zyx, features=features)
+    dataset = nnunet_dataset_json(n_classes)
+    manager = PlansManager(plans)
+    configuration = manager.get_configuration("3d_fullres")
+    io.write_json(out / "plans.json", plans)
+    io.write_json(out / "dataset.json", dataset)
+    for fold in range(folds):
+        torch.manual_seed(seed * 1000 + fold)
+        net = nnUNetTrainer.build_network_architecture(manager, configuration, 1, n_classes, enable_deep_supervision=False)
+        checkpoint = {
+            "network_weights": net.state_dict(),
+            "trainer_name": "nnUNetTrainer",
+            "init_args": {"configuration": "3d_fullres", "fold": fold},
+            "inference_allowed_mirroring_axes": None,
+        }
+        with io.atomic_path(out / f"fold_{fold}" / "checkpoint_final.pth") as tmp:
+            torch.save(checkpoint, tmp)
+    config = semantic_inference_config(orientation=orientation, spacing=spacing, folds=folds, name="spinecohort_random_demo")
+    io.write_json(out / "inference_config.json", config)  # last: marks the folder complete
+    return out

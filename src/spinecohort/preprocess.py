@@ -1,0 +1,82 @@
+"""Pre-processing: N4 bias-field correction and resampling into a model's space."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+from numpy.typing import NDArray
+
+from . import geometry
+
+__all__ = ["N4Result", "bias_correct", "n4_shrink_factors", "to_model_space"]
+
+
+@dataclass(frozen=True)
+class N4Result:
+    corrected: NDArray[np.float32]
+    bias: NDArray[np.float32]  # estimated multiplicative field, on the input grid
+    mask_fraction: float  # share of voxels in the N4 mask (a QC figure: N4 fails on tiny masks)
+
+
+def n4_shrink_factors(spacing: Sequence[float], shrink: Sequence[int]) -> list[int]:
+    """Per-axis shrink factors: `shrink` is (in-plane, in-plane, through-plane), the coarsest axis gets the last.
+
+    >>> n4_shrink_factors((0.67, 0.67, 4.0), (4, 4, 2))
+    [4, 4, 2]
+    >>> n4_shrink_factors((4.0, 0.67, 0.67), (4, 4, 2))
+    [2, 4, 4]
+    """
+    coarse = int(np.argmax(spacing))
+    fine = iter(shrink[:2])
+    return [int(shrink[2]) if axis == coarse else int(next(fine)) for axis in range(3)]
+
+
+def bias_correct(
+    image: NDArray[np.float32],
+    affine: NDArray[np.float64],
+    *,
+    shrink: Sequence[int] = (4, 4, 2),
+    iterations: Sequence[int] = (50, 50, 50, 50),
+    threads: int = 1,
+) -> N4Result:
+    """N4 bias-field correction (SimpleITK), fitted on a shrunk copy, applied at full resolution.
+
+    The mask is Otsu's foreground (air excluded). Intensities are shifted to a
+    zero minimum first, as SPINEPS does, because N4 models a positive signal.
+
+    Notes
+    -----
+    shrink (4, 4, 2) with 4 x 50 iterations gave a bias-field correlation of
+    0.998 against full-resolution N4 at 1/35 of its CPU time
+    (`benchmarks/bench_n4.py`).
+    """
+    img = geometry.to_sitk(np.asarray(image, np.float32) - float(image.min()), affine)
+    img = sitk.Cast(img, sitk.sitkFloat32)
+    mask = sitk.OtsuThreshold(img, 0, 1, 200)
+    factors = n4_shrink_factors(img.GetSpacing(), shrink)
+    n4 = sitk.N4BiasFieldCorrectionImageFilter()
+    n4.SetMaximumNumberOfIterations([int(i) for i in iterations])
+    n4.SetNumberOfThreads(threads)
+    n4.Execute(sitk.Shrink(img, factors), sitk.Shrink(mask, factors))
+    log_bias, _ = geometry.from_sitk(n4.GetLogBiasFieldAsImage(img))
+    bias = np.exp(log_bias).astype(np.float32)
+    mask_fraction = float(sitk.GetArrayViewFromImage(mask).mean())
+    corrected = (np.asarray(image, np.float32) / bias).astype(np.float32)
+    return N4Result(corrected, bias, mask_fraction)
+
+
+def to_model_space(
+    image: NDArray[np.float32],
+    affine: NDArray[np.float64],
+    *,
+    orientation: Sequence[str],
+    spacing: Sequence[float],
+    threads: int = 1,
+) -> tuple[NDArray[np.float32], NDArray[np.float64]]:
+    """Reorient to `orientation` and resample (linear) to `spacing` mm; returns image and affine."""
+    grid = geometry.target_grid(image.shape, affine, orientation, spacing)
+    out = geometry.resample(image, affine, grid, kind="linear", threads=threads)
+    return out.astype(np.float32), grid[1]

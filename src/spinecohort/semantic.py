@@ -1,0 +1,269 @@
+"""Semantic phase: nnU-Net v2 per-fold logits, exact fold averaging, SPINEPS clean-up.
+
+Fold averaging reproduces nnU-Net's in-process multi-fold prediction bit for
+bit: nnU-Net sums the per-fold float16 sliding-window logits in fold order,
+divides by the number of folds (still float16), then resamples and takes the
+argmax. The fold jobs store exactly those float16 logits.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+
+from . import labels as L
+
+__all__ = [
+    "ModelConfig",
+    "ModelError",
+    "read_model_config",
+    "FoldPredictor",
+    "average_fold_logits",
+    "logits_to_segmentation",
+    "map_labels",
+    "clean_semantic",
+    "pick_device",
+]
+
+# SPINEPS removes components of these labels below ~28 mm^3 (30 voxels at its reference zoom).
+SPECK_LABELS = (*L.VERTEBRA_PARTS, L.CANAL, L.IVD)
+SPECK_MM3 = 27.8
+FILL_LABELS = (L.CORPUS, L.CANAL, L.IVD, L.CORD)
+
+
+class ModelError(ValueError):
+    """A model folder that cannot be used; the message names the folder and reason."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What spinecohort reads from a SPINEPS `inference_config.json`."""
+
+    path: Path
+    orientation: tuple[str, str, str]
+    spacing: tuple[float, float, float]
+    folds: tuple[int, ...]
+    labels: dict[int, int]  # model output index -> SPINEPS id
+    step_size: float = 0.5
+    mirroring: bool = False
+    raw: dict[str, Any] | None = None
+
+
+def _spineps_id(value: Any) -> int:
+    if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
+        return int(value)
+    names = {n.lower().replace(" ", "_"): k for k, n in L.SEMANTIC_NAMES.items()}
+    spineps_names = {
+        "arcus_vertebrae": 41, "spinosus_process": 42, "costal_process_left": 43, "costal_process_right": 44,
+        "superior_articular_left": 45, "superior_articular_right": 46, "inferior_articular_left": 47,
+        "inferior_articular_right": 48, "vertebra_corpus_border": 49, "spinal_cord": 60, "spinal_canal": 61,
+        "endplate": 62, "vertebra_disc": 100, "sacrum": 26,
+    }  # fmt: skip
+    key = str(value).lower()
+    if key in spineps_names:
+        return spineps_names[key]
+    if key in names:
+        return names[key]
+    raise ModelError(f"unknown label name {value!r} in inference_config.json")
+
+
+def read_model_config(folder: str | Path) -> ModelConfig:
+    """Read and check a SPINEPS-format model folder's `inference_config.json`.
+
+    `resolution_range` may be one triple or a [min, max] pair; for a pair the
+    finest allowed resolution is used. `available_folds` may be an int n
+    (folds 0..n-1) or a list.
+    """
+    folder = Path(folder)
+    path = folder / "inference_config.json"
+    if not path.is_file():
+        raise ModelError(f"model folder {folder}: no inference_config.json")
+    try:
+        cfg = json.loads(path.read_text())
+        res = cfg["resolution_range"]
+        spacing = res[0] if isinstance(res[0], list) else res
+        folds = cfg.get("available_folds", 1)
+        folds = list(range(folds)) if isinstance(folds, int) else [int(f) for f in folds]
+        labels = {int(k): _spineps_id(v) for k, v in cfg["labels"].items()}
+        orientation = tuple(str(c).upper() for c in cfg["model_expected_orientation"])
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise ModelError(f"{path}: malformed ({type(exc).__name__}: {exc})") from None
+    if len(orientation) != 3 or len(spacing) != 3:
+        raise ModelError(f"{path}: orientation and resolution need three axes")
+    return ModelConfig(
+        path=folder,
+        orientation=orientation,  # type: ignore[arg-type]
+        spacing=tuple(float(s) for s in spacing),  # type: ignore[arg-type]
+        folds=tuple(folds),
+        labels=labels,
+        step_size=float(cfg.get("default_step_size", 0.5)),
+        mirroring=bool(cfg.get("inference_augmentation", False)),
+        raw=cfg,
+    )
+
+
+def pick_device(requested: str = "auto"):
+    """torch device: CUDA when present (or asked for), else CPU."""
+    import torch
+
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(requested)
+
+
+class FoldPredictor:
+    """One nnU-Net fold, loaded once, predicting float16 logits for many images."""
+
+    def __init__(self, model: ModelConfig, fold: int, *, device: str = "auto", threads: int = 1) -> None:
+        import torch
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        checkpoint = model.path / f"fold_{fold}" / "checkpoint_final.pth"
+        if not checkpoint.is_file():
+            raise ModelError(f"model folder {model.path}: fold {fold} has no {checkpoint.name}")
+        torch.set_num_threads(threads)
+        self.device = pick_device(device)
+        self.predictor = nnUNetPredictor(
+            tile_step_size=model.step_size,
+            use_gaussian=True,
+            use_mirroring=model.mirroring,
+            perform_everything_on_device=self.device.type == "cuda",
+            device=self.device,
+            verbose=False,
+            verbose_preprocessing=False,
+            allow_tqdm=False,
+        )
+        self.predictor.initialize_from_trained_model_folder(str(model.path), use_folds=(fold,))
+        n_out = self.predictor.label_manager.num_segmentation_heads
+        if set(model.labels) - set(range(n_out)):
+            raise ModelError(
+                f"model folder {model.path}: inference_config.json maps outputs {sorted(model.labels)} "
+                f"but the network has {n_out} outputs"
+            )
+
+    def predict(self, image_path: str | Path) -> tuple[NDArray[np.float16], dict[str, Any]]:
+        """Logits (C, z, y, x) at network resolution and the properties needed to undo preprocessing."""
+        import torch
+
+        p = self.predictor
+        preprocessor = p.configuration_manager.preprocessor_class(verbose=False)
+        data, _, props = preprocessor.run_case([str(image_path)], None, p.plans_manager, p.configuration_manager, p.dataset_json)
+        logits = p.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
+        return logits.numpy().astype(np.float16, copy=False), _jsonable(props)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items() if k != "class_locations"}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def average_fold_logits(fold_logits: Sequence[NDArray[np.float16]]) -> NDArray[np.float16]:
+    """Mean of the folds' float16 logits in nnU-Net's order and precision (sum in order, then divide)."""
+    import torch
+
+    if not fold_logits:
+        raise ValueError("no fold logits to average")
+    acc = torch.from_numpy(np.array(fold_logits[0], dtype=np.float16, copy=True))
+    for logits in fold_logits[1:]:
+        acc += torch.from_numpy(np.asarray(logits, dtype=np.float16))
+    if len(fold_logits) > 1:
+        acc /= len(fold_logits)
+    return acc.numpy()
+
+
+def logits_to_segmentation(model_folder: str | Path, logits: NDArray[np.float16], properties: dict[str, Any]) -> NDArray[np.uint8]:
+    """nnU-Net's own conversion (resample to the input, argmax, uncrop); returns (i, j, k) order.
+
+    nnU-Net works in SimpleITK's (z, y, x) order; the result is transposed back
+    to the nibabel order of the image that was predicted.
+    """
+    import torch
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    folder = Path(model_folder)
+    plans = PlansManager(json.loads((folder / "plans.json").read_text()))
+    dataset = json.loads((folder / "dataset.json").read_text())
+    configuration = plans.get_configuration(_configuration_name(folder))
+    seg = convert_predicted_logits_to_segmentation_with_correct_shape(
+        torch.from_numpy(logits), plans, configuration, plans.get_label_manager(dataset), properties
+    )
+    return np.asarray(seg).transpose(2, 1, 0)
+
+
+def _configuration_name(folder: Path) -> str:
+    cfg = json.loads((folder / "inference_config.json").read_text())
+    return str(cfg.get("nnunet_configuration", "3d_fullres"))
+
+
+def map_labels(seg: NDArray, mapping: dict[int, int]) -> NDArray[np.uint8]:
+    """Model output indices -> SPINEPS ids; unmapped indices become 0."""
+    lut = np.zeros(max(int(seg.max()), max(mapping)) + 1, np.uint8)
+    for k, v in mapping.items():
+        lut[k] = v
+    return lut[seg]
+
+
+def clean_semantic(seg: NDArray[np.uint8], spacing: Sequence[float]) -> NDArray[np.uint8]:
+    """SPINEPS-style clean-up of a semantic mask (after SPINEPS's `phase_semantic`).
+
+    1. Delete 6-connected components of 41-49, 61 and 100 smaller than 27.8 mm^3.
+    2. Keep the spine block: start from the largest 26-connected foreground
+       component's box (3 mm margin) and add every component whose box overlaps
+       the block (10 mm extra along the column); delete the rest.
+    3. Fill holes in 49, 61, 100 and 60 where the hole is background.
+    """
+    seg = seg.copy()
+    spacing = np.asarray(spacing, float)
+    min_voxels = SPECK_MM3 / float(np.prod(spacing))
+    six = ndimage.generate_binary_structure(3, 1)
+    for lab in SPECK_LABELS:
+        comp, n = ndimage.label(seg == lab, structure=six)
+        if n:
+            sizes = np.bincount(comp.ravel())
+            small = np.flatnonzero(sizes < min_voxels)
+            seg[np.isin(comp, small[small > 0])] = 0
+    seg[~_spine_block(seg > 0, spacing)] = 0
+    for lab in FILL_LABELS:
+        filled = ndimage.binary_fill_holes(seg == lab)
+        seg[filled & (seg == 0)] = lab
+    return seg
+
+
+def _spine_block(fg: NDArray[np.bool_], spacing: NDArray[np.float64]) -> NDArray[np.bool_]:
+    comp, n = ndimage.label(fg, structure=np.ones((3, 3, 3)))
+    if n <= 1:
+        return fg
+    boxes = ndimage.find_objects(comp)
+    sizes = np.bincount(comp.ravel())[1:]
+    margin = np.ceil(3.0 / spacing)
+    # The column runs along the axis with the largest foreground extent; allow gaps along it.
+    extent = [(s.stop - s.start) * sp for s, sp in zip(ndimage.find_objects(fg.astype(int))[0], spacing)]
+    along = np.zeros(3)
+    along[int(np.argmax(extent))] = np.ceil(10.0 / spacing[int(np.argmax(extent))])
+    lo = np.array([[s.start for s in b] for b in boxes], float)
+    hi = np.array([[s.stop for s in b] for b in boxes], float)
+    keep = np.zeros(n, bool)
+    keep[int(np.argmax(sizes))] = True
+    changed = True
+    while changed:
+        block_lo = lo[keep].min(axis=0) - margin - along
+        block_hi = hi[keep].max(axis=0) + margin + along
+        overlap = ((lo < block_hi) & (hi > block_lo)).all(axis=1)
+        changed = bool((overlap & ~keep).any())
+        keep |= overlap
+    return np.isin(comp, np.flatnonzero(keep) + 1)
