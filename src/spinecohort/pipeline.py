@@ -1,5 +1,190 @@
-"""Batch drivers for the workflow stages (filled in by the foundation work)."""
+"""Batch drivers: each workflow stage runs over one batch of the manifest.
+
+Every image is processed on its own: a failure is written to the stage's
+ledger (``<out>/ledger.tsv``: image_id, stage, status, message) and the batch
+goes on. Later stages skip images that an earlier stage failed, carrying the
+reason along. Files are written atomically (see `io.atomic_path`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import cohort, io
+
+log = logging.getLogger("spinecohort")
+
+LEDGER = "ledger.tsv"
 
 
-def add_stage_parsers(sub) -> None:  # noqa: ANN001
-    return None
+def batch_rows(manifest: Path, batch: str) -> pd.DataFrame:
+    table = cohort.resolve_paths(cohort.read_manifest(manifest), manifest.parent)
+    rows = table[table["batch"] == batch]
+    if rows.empty:
+        raise cohort.ManifestError(f"{manifest}: no images in batch {batch!r}")
+    return rows
+
+
+def upstream_failures(upstream: list[Path]) -> dict[str, str]:
+    """image_id -> reason, for images an earlier stage did not finish."""
+    failed: dict[str, str] = {}
+    for folder in upstream:
+        ledger = pd.read_csv(folder / LEDGER, sep="\t", dtype=str, keep_default_na=False)
+        for r in ledger[ledger["status"] != "ok"].itertuples():
+            failed.setdefault(r.image_id, r.message)
+    return failed
+
+
+def run_stage(
+    stage: str,
+    rows: pd.DataFrame,
+    out: Path,
+    work: Callable[[pd.Series], None],
+    *,
+    upstream: list[Path] = (),  # type: ignore[assignment]
+) -> pd.DataFrame:
+    """Apply `work` to every row; record ok/failed/skipped per image in `out/ledger.tsv`."""
+    out.mkdir(parents=True, exist_ok=True)
+    failed_before = upstream_failures(list(upstream))
+    records = []
+    for _, row in rows.iterrows():
+        if row.image_id in failed_before:
+            records.append((row.image_id, stage, "skipped", failed_before[row.image_id]))
+            continue
+        try:
+            work(row)
+            records.append((row.image_id, stage, "ok", ""))
+        except Exception as exc:  # one image must never cost the batch
+            message = str(exc) if isinstance(exc, ValueError) else f"{row.image}: {type(exc).__name__}: {exc}"
+            log.error("%s failed in %s: %s\n%s", row.image_id, stage, message, traceback.format_exc())
+            records.append((row.image_id, stage, "failed", message))
+    ledger = pd.DataFrame(records, columns=["image_id", "stage", "status", "message"])
+    io.write_tsv(out / LEDGER, ledger)
+    log.info("%s: %d ok, %d failed, %d skipped", stage, *(int((ledger.status == s).sum()) for s in ("ok", "failed", "skipped")))
+    return ledger
+
+
+def _bias_correct(args: argparse.Namespace) -> None:
+    from .preprocess import bias_correct
+
+    def work(row: pd.Series) -> None:
+        image, affine = io.load_image(row.image)
+        result = bias_correct(image, affine, shrink=args.shrink, iterations=args.iterations, threads=args.threads)
+        log.info("%s: N4 mask covers %.1f %% of the image", row.image_id, 100 * result.mask_fraction)
+        io.save_nifti(args.out / f"{row.image_id}.nii.gz", result.corrected, affine, dtype=np.float32)
+
+    run_stage("bias_correct", batch_rows(args.manifest, args.batch), args.out, work)
+
+
+def _resample(args: argparse.Namespace) -> None:
+    from .preprocess import to_model_space
+    from .semantic import read_model_config
+
+    model = read_model_config(args.model)
+
+    def work(row: pd.Series) -> None:
+        image, affine = io.load_image(args.input / f"{row.image_id}.nii.gz")
+        out, out_affine = to_model_space(image, affine, orientation=model.orientation, spacing=model.spacing, threads=args.threads)
+        # nnU-Net's reader picks files by the _0000 channel suffix.
+        io.save_nifti(args.out / f"{row.image_id}_0000.nii.gz", out, out_affine, dtype=np.float32)
+
+    run_stage("resample", batch_rows(args.manifest, args.batch), args.out, work, upstream=[args.input])
+
+
+def _predict_fold(args: argparse.Namespace) -> None:
+    from .semantic import FoldPredictor, read_model_config
+
+    predictor = FoldPredictor(read_model_config(args.model), args.fold, device=args.device, threads=args.threads)
+    log.info("fold %d on device %s", args.fold, predictor.device)
+
+    def work(row: pd.Series) -> None:
+        logits, props = predictor.predict(args.input / f"{row.image_id}_0000.nii.gz")
+        io.write_json(args.out / f"{row.image_id}.json", props)
+        io.save_logits(args.out / f"{row.image_id}.b2nd", logits)
+
+    run_stage(f"predict_fold{args.fold}", batch_rows(args.manifest, args.batch), args.out, work, upstream=[args.input])
+
+
+def _average_folds(args: argparse.Namespace) -> None:
+    from .geometry import spacing_of
+    from .semantic import average_fold_logits, clean_semantic, logits_to_segmentation, map_labels, read_model_config
+
+    model = read_model_config(args.model)
+
+    def work(row: pd.Series) -> None:
+        logits = [io.load_logits(folder / f"{row.image_id}.b2nd") for folder in args.folds]
+        props = io.read_json(args.folds[0] / f"{row.image_id}.json")
+        seg = logits_to_segmentation(model.path, average_fold_logits(logits), props)
+        _, affine = io.load_image(args.resampled / f"{row.image_id}_0000.nii.gz")
+        seg = clean_semantic(map_labels(seg, model.labels), spacing_of(affine))
+        io.save_nifti(args.out / f"{row.image_id}_seg-spine-raw_msk.nii.gz", seg, affine, dtype=np.uint8)
+
+    run_stage("average_folds", batch_rows(args.manifest, args.batch), args.out, work, upstream=args.folds)
+
+
+def derivative_path(root: Path, row: pd.Series, seg: str) -> Path:
+    """SPINEPS/BIDS-derivative name of a result mask, e.g. ``…_mod-T2w_seg-spine_msk.nii.gz``."""
+    folder = root / f"sub-{row.subject}" / (f"ses-{row.session}" if row.session else "") / "anat"
+    return folder / f"{row.image_id}_mod-T2w_seg-{seg}_msk.nii.gz"
+
+
+def _restore(args: argparse.Namespace) -> None:
+    from .geometry import resample
+
+    def work(row: pd.Series) -> None:
+        image, affine = io.load_image(row.image)
+        seg, seg_affine = io.load_mask(args.input / f"{row.image_id}_seg-spine-raw_msk.nii.gz")
+        restored = resample(seg, seg_affine, (image.shape, affine), kind="nearest")
+        io.save_nifti(derivative_path(args.derivatives, row, "spine"), restored, affine, dtype=np.uint8)
+
+    run_stage("restore", batch_rows(args.manifest, args.batch), args.out, work, upstream=[args.input])
+
+
+def add_stage_parsers(sub: argparse._SubParsersAction) -> None:
+    def stage(name: str, fn: Callable[[argparse.Namespace], None], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--manifest", type=Path, required=True, help="cohort manifest TSV")
+        p.add_argument("--batch", required=True, help="batch id, e.g. b0001")
+        p.add_argument("--out", type=Path, required=True, help="output folder of this stage (holds ledger.tsv)")
+        p.add_argument("--threads", type=int, default=1)
+        p.set_defaults(handler=fn)
+        return p
+
+    p = stage("bias-correct", _bias_correct, "N4 bias-field correction of a batch")
+    p.add_argument("--shrink", type=int, nargs=3, default=(4, 4, 2), help="in-plane, in-plane, through-plane")
+    p.add_argument("--iterations", type=int, nargs="+", default=(50, 50, 50, 50))
+    p = stage("resample", _resample, "reorient and resample a batch into the semantic model's space")
+    p.add_argument("--input", type=Path, required=True)
+    p.add_argument("--model", type=Path, required=True)
+    p = stage("predict-fold", _predict_fold, "one nnU-Net fold over a batch: float16 logits")
+    p.add_argument("--input", type=Path, required=True)
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--fold", type=int, required=True)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
+    p = stage("average-folds", _average_folds, "average fold logits, argmax, SPINEPS ids, clean-up")
+    p.add_argument("--folds", type=Path, nargs="+", required=True, help="per-fold logit folders, in fold order")
+    p.add_argument("--resampled", type=Path, required=True)
+    p.add_argument("--model", type=Path, required=True)
+    p = stage("restore", _restore, "semantic masks back onto the input grid, SPINEPS names")
+    p.add_argument("--input", type=Path, required=True)
+    p.add_argument("--derivatives", type=Path, required=True)
+
+    p = sub.add_parser("random-model", help="write an nnU-Net v2 model folder with random weights (demo/tests)")
+    p.add_argument("out", type=Path)
+    p.add_argument("--folds", type=int, default=3)
+    p.add_argument("--spacing", type=float, nargs=3, default=(2.0, 2.0, 4.4))
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_random_model)
+
+
+def _random_model(args: argparse.Namespace) -> None:
+    from .models import write_random_semantic_model
+
+    write_random_semantic_model(args.out, folds=args.folds, spacing=args.spacing, seed=args.seed)

@@ -1,0 +1,21 @@
+# spinecohort: SPINEPS reprocessing of a sagittal T2w spine cohort, batch by batch.
+from snakemake.utils import min_version, validate
+
+min_version("9.14.1")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/preprocess.smk"
+include: "workflow/rules/semantic.smk"
+
+
+rule all:
+    input:
+        get_final_output,

@@ -1,0 +1,47 @@
+rule bias_correct:
+    input:
+        manifest=ancient(MANIFEST),
+    output:
+        directory(WORK / "{batch}" / "n4"),
+    log:
+        LOGS / "bias_correct" / "{batch}.log",
+    benchmark:
+        BENCH / "bias_correct" / "{batch}.tsv"
+    params:
+        members=get_batch_members,
+        shrink=" ".join(map(str, config["n4"]["shrink"])),
+        iterations=" ".join(map(str, config["n4"]["iterations"])),
+    threads: 2
+    resources:
+        mem_mb=lambda wildcards, attempt: 3000 * attempt,
+        runtime=batch_minutes(0.5),
+    conda:
+        "../../envs/spinecohort.yaml"
+    shell:
+        "spinecohort bias-correct --manifest {input.manifest} --batch {wildcards.batch}"
+        " --out {output} --threads {threads} --shrink {params.shrink}"
+        " --iterations {params.iterations} &> {log}"
+
+
+rule resample:
+    input:
+        manifest=ancient(MANIFEST),
+        n4=WORK / "{batch}" / "n4",
+        model=get_model_file("inference_config.json"),
+    output:
+        directory(WORK / "{batch}" / "resampled"),
+    log:
+        LOGS / "resample" / "{batch}.log",
+    benchmark:
+        BENCH / "resample" / "{batch}.tsv"
+    params:
+        model=MODEL,
+    threads: 1
+    resources:
+        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        runtime=batch_minutes(0.1),
+    conda:
+        "../../envs/spinecohort.yaml"
+    shell:
+        "spinecohort resample --manifest {input.manifest} --batch {wildcards.batch}"
+        " --input {input.n4} --model {params.model} --out {output} &> {log}"

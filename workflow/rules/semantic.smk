@@ -1,0 +1,73 @@
+rule predict_fold:
+    input:
+        manifest=ancient(MANIFEST),
+        resampled=WORK / "{batch}" / "resampled",
+        checkpoint=get_model_file("fold_{fold}/checkpoint_final.pth"),
+    output:
+        temp(directory(WORK / "{batch}" / "logits_fold{fold}")),
+    log:
+        LOGS / "predict_fold" / "{batch}_fold{fold}.log",
+    benchmark:
+        BENCH / "predict_fold" / "{batch}_fold{fold}.tsv"
+    params:
+        model=MODEL,
+        device=config["device"],
+    threads: 2
+    resources:
+        gpu=1 if config["device"] != "cpu" else 0,
+        mem_mb=lambda wildcards, attempt: 8000 * attempt,
+        runtime=batch_minutes(1.0),
+    conda:
+        "../../envs/spinecohort.yaml"
+    shell:
+        "spinecohort predict-fold --manifest {input.manifest} --batch {wildcards.batch}"
+        " --input {input.resampled} --model {params.model} --fold {wildcards.fold}"
+        " --device {params.device} --threads {threads} --out {output} &> {log}"
+
+
+rule average_folds:
+    input:
+        manifest=ancient(MANIFEST),
+        folds=expand(WORK / "{{batch}}" / "logits_fold{fold}", fold=FOLDS),
+        resampled=WORK / "{batch}" / "resampled",
+    output:
+        directory(WORK / "{batch}" / "semantic"),
+    log:
+        LOGS / "average_folds" / "{batch}.log",
+    benchmark:
+        BENCH / "average_folds" / "{batch}.tsv"
+    params:
+        model=MODEL,
+    threads: 1
+    resources:
+        mem_mb=lambda wildcards, attempt: 4000 * attempt,
+        runtime=batch_minutes(0.2),
+    conda:
+        "../../envs/spinecohort.yaml"
+    shell:
+        "spinecohort average-folds --manifest {input.manifest} --batch {wildcards.batch}"
+        " --folds {input.folds} --resampled {input.resampled} --model {params.model}"
+        " --out {output} &> {log}"
+
+
+rule restore:
+    input:
+        manifest=ancient(MANIFEST),
+        semantic=WORK / "{batch}" / "semantic",
+    output:
+        directory(WORK / "{batch}" / "restore"),
+    log:
+        LOGS / "restore" / "{batch}.log",
+    benchmark:
+        BENCH / "restore" / "{batch}.tsv"
+    params:
+        derivatives=DERIVATIVES,
+    threads: 1
+    resources:
+        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        runtime=batch_minutes(0.1),
+    conda:
+        "../../envs/spinecohort.yaml"
+    shell:
+        "spinecohort restore --manifest {input.manifest} --batch {wildcards.batch}"
+        " --input {input.semantic} --derivatives {params.derivatives} --out {output} &> {log}"
