@@ -10,8 +10,14 @@ WORK = RESULTS / "work"
 LOGS = RESULTS / "logs"
 BENCH = RESULTS / "benchmarks"
 DERIVATIVES = RESULTS / "derivatives" / "spinecohort"
-MANIFEST = str(RESULTS / "demo" / "cohort.tsv") if config["demo"]["enabled"] else config["manifest"]
-MANIFEST_SCHEMA = str(Path(workflow.basedir) / "workflow" / "schemas" / "manifest.schema.yaml")
+MANIFEST = (
+    str(RESULTS / "demo" / "cohort.tsv")
+    if config["demo"]["enabled"]
+    else config["manifest"]
+)
+MANIFEST_SCHEMA = str(
+    Path(workflow.basedir) / "workflow" / "schemas" / "manifest.schema.yaml"
+)
 MODEL = config["semantic_model"]["path"]
 FOLDS = config["semantic_model"]["folds"]
 
@@ -28,7 +34,11 @@ def _read_manifest(path):
 
 def get_manifest():
     """The checked manifest; for the demo it is made by the `demo_cohort` checkpoint."""
-    path = checkpoints.demo_cohort.get().output.manifest if config["demo"]["enabled"] else MANIFEST
+    path = (
+        checkpoints.demo_cohort.get().output.manifest
+        if config["demo"]["enabled"]
+        else MANIFEST
+    )
     return _read_manifest(str(path))
 
 
@@ -56,7 +66,9 @@ def get_final_output(wildcards):
 
 def batch_minutes(per_image):
     """Runtime (min) for a batch, scaled by the attempt so retries get more time."""
-    return lambda wildcards, attempt: int(10 + per_image * config["batch_size"] * attempt)
+    return lambda wildcards, attempt: int(
+        10 + per_image * config["batch_size"] * attempt
+    )
 
 
 wildcard_constraints:

@@ -6,12 +6,12 @@ checkpoint demo_cohort:
         manifest=RESULTS / "demo" / "cohort.tsv",
     log:
         LOGS / "demo_cohort.log",
+    conda:
+        "../../envs/spinecohort.yaml"
     params:
         subjects=config["demo"]["subjects"],
         seed=config["demo"]["seed"],
         preset=config["demo"]["preset"],
-    conda:
-        "../../envs/spinecohort.yaml"
     shell:
         "spinecohort phantom {RESULTS}/demo --subjects {params.subjects} --seed {params.seed}"
         " --preset {params.preset} --batch-size {config[batch_size]} --snapshot &> {log}"
@@ -21,15 +21,20 @@ rule demo_semantic_model:
     output:
         config=RESULTS / "demo" / "models" / "semantic_random" / "inference_config.json",
         checkpoints=expand(
-            RESULTS / "demo" / "models" / "semantic_random" / "fold_{fold}" / "checkpoint_final.pth",
+            RESULTS
+            / "demo"
+            / "models"
+            / "semantic_random"
+            / "fold_{fold}"
+            / "checkpoint_final.pth",
             fold=FOLDS,
         ),
     log:
         LOGS / "demo_semantic_model.log",
+    conda:
+        "../../envs/spinecohort.yaml"
     params:
         folder=lambda wildcards, output: Path(output.config).parent,
         folds=len(FOLDS),
-    conda:
-        "../../envs/spinecohort.yaml"
     shell:
         "spinecohort random-model {params.folder} --folds {params.folds} &> {log}"

@@ -7,16 +7,16 @@ rule bias_correct:
         LOGS / "bias_correct" / "{batch}.log",
     benchmark:
         BENCH / "bias_correct" / "{batch}.tsv"
-    params:
-        members=get_batch_members,
-        shrink=" ".join(map(str, config["n4"]["shrink"])),
-        iterations=" ".join(map(str, config["n4"]["iterations"])),
+    conda:
+        "../../envs/spinecohort.yaml"
     threads: 2
     resources:
         mem_mb=lambda wildcards, attempt: 3000 * attempt,
         runtime=batch_minutes(0.5),
-    conda:
-        "../../envs/spinecohort.yaml"
+    params:
+        members=get_batch_members,
+        shrink=" ".join(map(str, config["n4"]["shrink"])),
+        iterations=" ".join(map(str, config["n4"]["iterations"])),
     shell:
         "spinecohort bias-correct --manifest {input.manifest} --batch {wildcards.batch}"
         " --out {output} --threads {threads} --shrink {params.shrink}"
@@ -34,14 +34,14 @@ rule resample:
         LOGS / "resample" / "{batch}.log",
     benchmark:
         BENCH / "resample" / "{batch}.tsv"
-    params:
-        model=MODEL,
+    conda:
+        "../../envs/spinecohort.yaml"
     threads: 1
     resources:
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
         runtime=batch_minutes(0.1),
-    conda:
-        "../../envs/spinecohort.yaml"
+    params:
+        model=MODEL,
     shell:
         "spinecohort resample --manifest {input.manifest} --batch {wildcards.batch}"
         " --input {input.n4} --model {params.model} --out {output} &> {log}"

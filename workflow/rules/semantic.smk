@@ -9,16 +9,16 @@ rule predict_fold:
         LOGS / "predict_fold" / "{batch}_fold{fold}.log",
     benchmark:
         BENCH / "predict_fold" / "{batch}_fold{fold}.tsv"
-    params:
-        model=MODEL,
-        device=config["device"],
+    conda:
+        "../../envs/spinecohort.yaml"
     threads: 2
     resources:
         gpu=1 if config["device"] != "cpu" else 0,
         mem_mb=lambda wildcards, attempt: 8000 * attempt,
         runtime=batch_minutes(1.0),
-    conda:
-        "../../envs/spinecohort.yaml"
+    params:
+        model=MODEL,
+        device=config["device"],
     shell:
         "spinecohort predict-fold --manifest {input.manifest} --batch {wildcards.batch}"
         " --input {input.resampled} --model {params.model} --fold {wildcards.fold}"
@@ -36,14 +36,14 @@ rule average_folds:
         LOGS / "average_folds" / "{batch}.log",
     benchmark:
         BENCH / "average_folds" / "{batch}.tsv"
-    params:
-        model=MODEL,
+    conda:
+        "../../envs/spinecohort.yaml"
     threads: 1
     resources:
         mem_mb=lambda wildcards, attempt: 4000 * attempt,
         runtime=batch_minutes(0.2),
-    conda:
-        "../../envs/spinecohort.yaml"
+    params:
+        model=MODEL,
     shell:
         "spinecohort average-folds --manifest {input.manifest} --batch {wildcards.batch}"
         " --folds {input.folds} --resampled {input.resampled} --model {params.model}"
@@ -60,14 +60,14 @@ rule restore:
         LOGS / "restore" / "{batch}.log",
     benchmark:
         BENCH / "restore" / "{batch}.tsv"
-    params:
-        derivatives=DERIVATIVES,
+    conda:
+        "../../envs/spinecohort.yaml"
     threads: 1
     resources:
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
         runtime=batch_minutes(0.1),
-    conda:
-        "../../envs/spinecohort.yaml"
+    params:
+        derivatives=DERIVATIVES,
     shell:
         "spinecohort restore --manifest {input.manifest} --batch {wildcards.batch}"
         " --input {input.semantic} --derivatives {params.derivatives} --out {output} &> {log}"
