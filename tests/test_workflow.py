@@ -23,3 +23,8 @@ def test_snakefmt_is_clean():
     assert shutil.which("snakefmt")
     proc = run("snakefmt", "--check", "Snakefile", "workflow")
     assert proc.returncode == 0, proc.stderr
+
+
+def test_lint_is_clean():
+    proc = run("snakemake", "--lint")
+    assert proc.returncode == 0 and "Lints for" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr

@@ -12,9 +12,11 @@ checkpoint demo_cohort:
         subjects=config["demo"]["subjects"],
         seed=config["demo"]["seed"],
         preset=config["demo"]["preset"],
+        batch_size=config["batch_size"],
+        folder=lambda wildcards, output: Path(output.manifest).parent,
     shell:
-        "spinecohort phantom {RESULTS}/demo --subjects {params.subjects} --seed {params.seed}"
-        " --preset {params.preset} --batch-size {config[batch_size]} --snapshot &> {log}"
+        "spinecohort phantom {params.folder} --subjects {params.subjects} --seed {params.seed}"
+        " --preset {params.preset} --batch-size {params.batch_size} --snapshot &> {log}"
 
 
 rule demo_semantic_model:

@@ -41,7 +41,7 @@ rule resample:
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
         runtime=batch_minutes(0.1),
     params:
-        model=MODEL,
+        model=lambda wildcards, input: Path(input.model).parent,
     shell:
         "spinecohort resample --manifest {input.manifest} --batch {wildcards.batch}"
         " --input {input.n4} --model {params.model} --out {output} &> {log}"

@@ -17,7 +17,7 @@ rule predict_fold:
         mem_mb=lambda wildcards, attempt: 8000 * attempt,
         runtime=batch_minutes(1.0),
     params:
-        model=MODEL,
+        model=lambda wildcards, input: Path(input.checkpoint).parents[1],
         device=config["device"],
     shell:
         "spinecohort predict-fold --manifest {input.manifest} --batch {wildcards.batch}"
@@ -28,6 +28,7 @@ rule predict_fold:
 rule average_folds:
     input:
         manifest=ancient(MANIFEST),
+        model=get_model_file("inference_config.json"),
         folds=expand(WORK / "{{batch}}" / "logits_fold{fold}", fold=FOLDS),
         resampled=WORK / "{batch}" / "resampled",
     output:
@@ -43,7 +44,7 @@ rule average_folds:
         mem_mb=lambda wildcards, attempt: 4000 * attempt,
         runtime=batch_minutes(0.2),
     params:
-        model=MODEL,
+        model=lambda wildcards, input: Path(input.model).parent,
     shell:
         "spinecohort average-folds --manifest {input.manifest} --batch {wildcards.batch}"
         " --folds {input.folds} --resampled {input.resampled} --model {params.model}"
