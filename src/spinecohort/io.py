@@ -26,6 +26,7 @@ __all__ = [
     "atomic_path",
     "load_image",
     "load_mask",
+    "load_affine",
     "save_nifti",
     "write_json",
     "read_json",
@@ -117,6 +118,14 @@ def load_mask(path: str | os.PathLike[str]) -> tuple[NDArray[np.int32], NDArray[
         if not np.isfinite(data).all() or not np.array_equal(data, np.round(data)):
             raise _fail(path, "mask holds non-integer values")
     return data.astype(np.int32), affine
+
+
+def load_affine(path: str | os.PathLike[str]) -> NDArray[np.float64]:
+    """The affine of a NIfTI file, from its header alone (no voxel data read)."""
+    path = Path(path)
+    affine = np.asarray(_open(path).affine, dtype=np.float64)
+    _check_affine(path, affine)
+    return affine
 
 
 def _open(path: Path) -> nib.Nifti1Image:

@@ -122,7 +122,7 @@ def _average_folds(args: argparse.Namespace) -> None:
         logits = [io.load_logits(folder / f"{row.image_id}.b2nd") for folder in args.folds]
         props = io.read_json(args.folds[0] / f"{row.image_id}.json")
         seg = logits_to_segmentation(model.path, average_fold_logits(logits), props)
-        _, affine = io.load_image(args.resampled / f"{row.image_id}_0000.nii.gz")
+        affine = io.load_affine(args.resampled / f"{row.image_id}_0000.nii.gz")
         seg = clean_semantic(map_labels(seg, model.labels), spacing_of(affine))
         io.save_nifti(args.out / f"{row.image_id}_seg-spine-raw_msk.nii.gz", seg, affine, dtype=np.uint8)
 

@@ -8,6 +8,7 @@ argmax. The fold jobs store exactly those float16 logits.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -193,16 +194,23 @@ def logits_to_segmentation(model_folder: str | Path, logits: NDArray[np.float16]
     """
     import torch
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    folder = Path(model_folder)
-    plans = PlansManager(json.loads((folder / "plans.json").read_text()))
-    dataset = json.loads((folder / "dataset.json").read_text())
-    configuration = plans.get_configuration(_configuration_name(folder))
+    plans, configuration, label_manager = _nnunet_managers(str(model_folder))
     seg = convert_predicted_logits_to_segmentation_with_correct_shape(
-        torch.from_numpy(logits), plans, configuration, plans.get_label_manager(dataset), properties
+        torch.from_numpy(logits), plans, configuration, label_manager, properties
     )
     return np.asarray(seg).transpose(2, 1, 0)
+
+
+@functools.cache
+def _nnunet_managers(folder: str):
+    """nnU-Net's plans, configuration and label managers of a model folder, read once per process."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    path = Path(folder)
+    plans = PlansManager(json.loads((path / "plans.json").read_text()))
+    dataset = json.loads((path / "dataset.json").read_text())
+    return plans, plans.get_configuration(_configuration_name(path)), plans.get_label_manager(dataset)
 
 
 def _configuration_name(folder: Path) -> str:
