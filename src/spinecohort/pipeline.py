@@ -76,7 +76,9 @@ def _bias_correct(args: argparse.Namespace) -> None:
 
     def work(row: pd.Series) -> None:
         image, affine = io.load_image(row.image)
-        result = bias_correct(image, affine, shrink=args.shrink, iterations=args.iterations, threads=args.threads)
+        result = bias_correct(
+            image, affine, shrink=args.shrink, iterations=args.iterations, bias_fwhm=args.bias_fwhm, threads=args.threads
+        )
         log.info("%s: N4 mask covers %.1f %% of the image", row.image_id, 100 * result.mask_fraction)
         io.save_nifti(args.out / f"{row.image_id}.nii.gz", result.corrected, affine, dtype=np.float32)
 
@@ -158,8 +160,9 @@ def add_stage_parsers(sub: argparse._SubParsersAction) -> None:
         return p
 
     p = stage("bias-correct", _bias_correct, "N4 bias-field correction of a batch")
-    p.add_argument("--shrink", type=int, nargs=3, default=(4, 4, 2), help="in-plane, in-plane, through-plane")
-    p.add_argument("--iterations", type=int, nargs="+", default=(50, 50, 50, 50))
+    p.add_argument("--shrink", type=int, nargs=3, default=(8, 8, 1), help="in-plane, in-plane, through-plane")
+    p.add_argument("--iterations", type=int, nargs="+", default=(50, 50), help="iterations per fitting level")
+    p.add_argument("--bias-fwhm", type=float, default=0.3, help="N4 bias-field FWHM")
     p = stage("resample", _resample, "reorient and resample a batch into the semantic model's space")
     p.add_argument("--input", type=Path, required=True)
     p.add_argument("--model", type=Path, required=True)

@@ -3,7 +3,9 @@ import functools
 from pathlib import Path
 
 import pandas as pd
-from snakemake.utils import validate
+import yaml
+
+from spinecohort import cohort
 
 RESULTS = Path(config["results"])
 WORK = RESULTS / "work"
@@ -18,38 +20,45 @@ MANIFEST = (
 MANIFEST_SCHEMA = str(
     Path(workflow.basedir) / "workflow" / "schemas" / "manifest.schema.yaml"
 )
-MODEL = config["semantic_model"]["path"]
+DEMO_MODEL = RESULTS / "demo" / "models" / "semantic_random"
+MODEL = (
+    DEMO_MODEL
+    if config["semantic_model"]["path"] == "demo"
+    else config["semantic_model"]["path"]
+)
 FOLDS = config["semantic_model"]["folds"]
 
 
 @functools.cache
 def _read_manifest(path):
+    """The manifest, checked against its schema and for safe, unique ids."""
     table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    validate(table, MANIFEST_SCHEMA)
-    if table["image_id"].duplicated().any():
-        dup = sorted(set(table["image_id"][table["image_id"].duplicated()]))
-        raise ValueError(f"manifest {path}: duplicate image_id {', '.join(dup)}")
-    return table
+    schema = yaml.safe_load(Path(MANIFEST_SCHEMA).read_text())
+    if problems := cohort.schema_problems(table, schema):
+        raise cohort.ManifestError(f"manifest {path}: " + "; ".join(problems[:20]))
+    return cohort.check_manifest(table, source=path)
 
 
-def get_manifest():
-    """The checked manifest; for the demo it is made by the `demo_cohort` checkpoint."""
-    path = (
-        checkpoints.demo_cohort.get().output.manifest
-        if config["demo"]["enabled"]
-        else MANIFEST
-    )
-    return _read_manifest(str(path))
+@functools.cache
+def _batch_members(path):
+    table = _read_manifest(path)
+    return table.groupby("batch")["image_id"].agg(",".join).to_dict()
+
+
+def _manifest_path():
+    """For the demo, the manifest is made by the `demo_cohort` checkpoint."""
+    if config["demo"]["enabled"]:
+        return str(checkpoints.demo_cohort.get().output.manifest)
+    return MANIFEST
 
 
 def get_batches():
-    return sorted(set(get_manifest()["batch"]))
+    return sorted(_batch_members(_manifest_path()))
 
 
 def get_batch_members(wildcards):
     """Image ids of a batch: a param, so that Snakemake reruns a batch whose membership changed."""
-    table = get_manifest()
-    return ",".join(table.loc[table["batch"] == wildcards.batch, "image_id"])
+    return _batch_members(_manifest_path())[wildcards.batch]
 
 
 def get_model_file(name):

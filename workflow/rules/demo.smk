@@ -21,15 +21,9 @@ checkpoint demo_cohort:
 
 rule demo_semantic_model:
     output:
-        config=RESULTS / "demo" / "models" / "semantic_random" / "inference_config.json",
+        config=DEMO_MODEL / "inference_config.json",
         checkpoints=expand(
-            RESULTS
-            / "demo"
-            / "models"
-            / "semantic_random"
-            / "fold_{fold}"
-            / "checkpoint_final.pth",
-            fold=FOLDS,
+            DEMO_MODEL / "fold_{fold}" / "checkpoint_final.pth", fold=FOLDS
         ),
     log:
         LOGS / "demo_semantic_model.log",

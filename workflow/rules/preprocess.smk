@@ -17,10 +17,11 @@ rule bias_correct:
         members=get_batch_members,
         shrink=" ".join(map(str, config["n4"]["shrink"])),
         iterations=" ".join(map(str, config["n4"]["iterations"])),
+        fwhm=config["n4"]["bias_fwhm"],
     shell:
         "spinecohort bias-correct --manifest {input.manifest} --batch {wildcards.batch}"
         " --out {output} --threads {threads} --shrink {params.shrink}"
-        " --iterations {params.iterations} &> {log}"
+        " --iterations {params.iterations} --bias-fwhm {params.fwhm} &> {log}"
 
 
 rule resample:

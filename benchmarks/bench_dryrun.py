@@ -1,0 +1,74 @@
+"""Dry-run (DAG build) of a generated 90,000-image manifest at the default batch size.
+
+Goal (issue 3): <= 15 s wall and <= 1 GB peak memory for `snakemake -n`.
+Anchor: the same dry-run of a 900-image manifest (1 %), measured in this run, so
+the ratio shows how the cost grows with the cohort. Last line: JSON.
+"""
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from spinecohort import cohort
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH_SIZE = 100
+
+
+def manifest(n_subjects: int, folder: Path) -> Path:
+    """A NAKO-sized manifest; the images need not exist for a dry-run."""
+    regions = ("cervical", "thoracic", "lumbar")
+    rows = [
+        {"subject": f"{100000 + i}", "session": "", "region": r, "image": f"rawdata/sub-{100000 + i}/{r}.nii.gz",
+         "image_id": f"sub-{100000 + i}_{r}", "reference_semantic": "", "reference_instance": ""}
+        for i in range(n_subjects) for r in regions
+    ]
+    table = cohort.assign_batches(pd.DataFrame(rows), batch_size=BATCH_SIZE)
+    path = folder / f"cohort_{n_subjects}.tsv"
+    table.to_csv(path, sep="\t", index=False)
+    return path
+
+
+def fake_model(folder: Path) -> Path:
+    """Dry-runs only check that model files exist."""
+    for name in ["inference_config.json", *(f"fold_{f}/checkpoint_final.pth" for f in range(3))]:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).touch()
+    return folder
+
+
+def dry_run(path: Path, model: Path, results: Path) -> tuple[float, float, int]:
+    """Wall seconds, peak RSS in GB of the snakemake process, and the job count."""
+    config = path.with_suffix(".yaml")
+    config.write_text(json.dumps({"manifest": str(path), "results": str(results), "batch_size": BATCH_SIZE,
+                                  "demo": {"enabled": False}, "semantic_model": {"path": str(model), "folds": [0, 1, 2]}}))
+    cmd = [sys.executable, "-m", "snakemake", "-n", "--quiet", "rules", "--cores", "1", "--directory", str(ROOT),
+           "--configfile", str(config)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - t
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert peak_kb >= before, "run the big case after the anchor: ru_maxrss is a maximum over children"
+    total = next(line.split()[-1] for line in out.stdout.splitlines() if line.startswith("total"))
+    return wall, peak_kb / 1e6, int(total)
+
+
+with tempfile.TemporaryDirectory() as tmp:
+    tmp = Path(tmp)
+    model = fake_model(tmp / "model")
+    small = dry_run(manifest(300, tmp), model, tmp / "res_small")
+    big = dry_run(manifest(30_000, tmp), model, tmp / "res_big")
+
+print(f"{'manifest':<22}{'jobs':>8}{'wall s':>10}{'peak GB':>10}{'goal':>16}")
+print(f"{'900 images (anchor)':<22}{small[2]:>8}{small[0]:>10.2f}{small[1]:>10.2f}")
+print(f"{'90,000 images':<22}{big[2]:>8}{big[0]:>10.2f}{big[1]:>10.2f}{'15 s, 1 GB':>16}")
+print(json.dumps({"figure": "dry-run, 90,000 images, batch 100", "wall_s": round(big[0], 2), "peak_gb": round(big[1], 2),
+                  "jobs": big[2], "anchor_900_images_wall_s": round(small[0], 2), "ratio_to_anchor": round(big[0] / small[0], 2),
+                  "goal": {"wall_s": 15, "peak_gb": 1}}))
