@@ -23,7 +23,6 @@ from spinecohort.phantom import PRESETS, make_subject, render_station  # noqa: E
 DEFAULT = {"shrink": (8, 8, 1), "iterations": (50, 50, 50), "bias_fwhm": 0.15}
 SETTINGS = [
     {"shrink": (4, 4, 2), "iterations": (50,) * 4, "bias_fwhm": 0.15},  # SPINEPS-like, N4 defaults
-    {"shrink": (4, 4, 1), "iterations": (50,) * 3, "bias_fwhm": 0.15},
     {"shrink": (8, 8, 1), "iterations": (50, 50), "bias_fwhm": 0.3},
     {"shrink": (8, 8, 1), "iterations": (50,) * 3, "bias_fwhm": 0.2},
     {"shrink": (8, 8, 2), "iterations": (50,) * 3, "bias_fwhm": 0.15},

@@ -9,6 +9,7 @@ reason along. Files are written atomically (see `io.atomic_path`).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import traceback
 from collections.abc import Callable
@@ -18,6 +19,8 @@ import numpy as np
 import pandas as pd
 
 from . import cohort, io
+from .labels import REGIONS
+from .metrics import ASSD_DEFINITIONS
 
 log = logging.getLogger("spinecohort")
 
@@ -149,6 +152,42 @@ def _restore(args: argparse.Namespace) -> None:
     run_stage("restore", batch_rows(args.manifest, args.batch), args.out, work, upstream=[args.input])
 
 
+def _score(args: argparse.Namespace) -> None:
+    from .summary import image_score_rows, write_scores
+
+    rows = batch_rows(args.manifest, args.batch)
+    with_reference = rows[rows["reference_semantic"] != ""]
+    log.info("%d of %d images have a reference mask", len(with_reference), len(rows))
+    parts = []
+
+    def work(row: pd.Series) -> None:
+        pred = derivative_path(args.derivatives, row, "spine")
+        parts.append(image_score_rows(row, pred, Path(row.reference_semantic), args.structures, args.assd))
+
+    run_stage("score", with_reference, args.out, work, upstream=[args.input])
+    write_scores(args.out / "scores.parquet", pd.concat(parts, ignore_index=True) if parts else pd.DataFrame())
+
+
+def _summarize(args: argparse.Namespace) -> None:
+    from . import summary
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = summary.read_scores([folder / "scores.parquet" for folder in args.scores])
+    summary.write_partitioned(table, args.dataset)
+    scores = table.to_pandas()
+    stats = summary.by_region(scores)
+    with io.atomic_path(args.out / "by_region.parquet") as tmp:
+        stats.to_parquet(tmp, index=False)
+    s1 = summary.table_s1(stats, args.structures)
+    n = scores.drop_duplicates("image_id").groupby("region").size()
+    counts = ", ".join(f"{r}: n={n[r]}" for r in REGIONS if r in n)
+    caption = f"DSC and ASSD (mm), mean ± SD over images per station ({counts})"
+    summary.write_table_s1(s1, args.out, caption)
+    summary.box_plots(scores, args.out, args.structures)
+    io.write_tsv(args.out / "failures.tsv", summary.failures(args.ledgers))
+    log.info("summarised %d score rows of %d images", len(scores), scores["image_id"].nunique())
+
+
 def add_stage_parsers(sub: argparse._SubParsersAction) -> None:
     def stage(name: str, fn: Callable[[argparse.Namespace], None], help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
@@ -161,8 +200,8 @@ def add_stage_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = stage("bias-correct", _bias_correct, "N4 bias-field correction of a batch")
     p.add_argument("--shrink", type=int, nargs=3, default=(8, 8, 1), help="in-plane, in-plane, through-plane")
-    p.add_argument("--iterations", type=int, nargs="+", default=(50, 50), help="iterations per fitting level")
-    p.add_argument("--bias-fwhm", type=float, default=0.3, help="N4 bias-field FWHM")
+    p.add_argument("--iterations", type=int, nargs="+", default=(50, 50, 50), help="iterations per fitting level")
+    p.add_argument("--bias-fwhm", type=float, default=0.15, help="N4 bias-field FWHM")
     p = stage("resample", _resample, "reorient and resample a batch into the semantic model's space")
     p.add_argument("--input", type=Path, required=True)
     p.add_argument("--model", type=Path, required=True)
@@ -178,6 +217,20 @@ def add_stage_parsers(sub: argparse._SubParsersAction) -> None:
     p = stage("restore", _restore, "semantic masks back onto the input grid, SPINEPS names")
     p.add_argument("--input", type=Path, required=True)
     p.add_argument("--derivatives", type=Path, required=True)
+
+    p = stage("score", _score, "DSC and ASSD per structure against the manifest's reference masks")
+    p.add_argument("--input", type=Path, required=True, help="the batch's restore folder (its ledger)")
+    p.add_argument("--derivatives", type=Path, required=True)
+    p.add_argument("--structures", type=json.loads, required=True, help='JSON: {"name": [label ids], ...}')
+    p.add_argument("--assd", choices=ASSD_DEFINITIONS, default="mean_of_means")
+
+    p = sub.add_parser("summarize", help="cohort-wide: partitioned scores, by-region summary, Table S1, plots, failures")
+    p.add_argument("--scores", type=Path, nargs="*", default=[], help="per-batch score folders")
+    p.add_argument("--ledgers", type=Path, nargs="*", default=[], help="ledger.tsv files of every stage")
+    p.add_argument("--structures", type=json.loads, required=True, help="JSON list: Table S1 row order")
+    p.add_argument("--dataset", type=Path, required=True, help="partitioned score dataset folder")
+    p.add_argument("--out", type=Path, required=True, help="summary folder")
+    p.set_defaults(handler=_summarize)
 
     p = sub.add_parser("random-model", help="write an nnU-Net v2 model folder with random weights (demo/tests)")
     p.add_argument("out", type=Path)

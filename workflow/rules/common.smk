@@ -1,5 +1,7 @@
 # Helpers only: paths, the manifest, batch lists. Every path template is written once here.
 import functools
+import json
+import shlex
 from pathlib import Path
 
 import pandas as pd
@@ -12,6 +14,9 @@ WORK = RESULTS / "work"
 LOGS = RESULTS / "logs"
 BENCH = RESULTS / "benchmarks"
 DERIVATIVES = RESULTS / "derivatives" / "spinecohort"
+SUMMARY = RESULTS / "summary"
+# Stage folders of a batch whose ledgers feed the failures table (fold folders are temporary).
+LEDGER_STAGES = ("n4", "resampled", "semantic", "restore", "scores")
 MANIFEST = (
     str(RESULTS / "demo" / "cohort.tsv")
     if config["demo"]["enabled"]
@@ -70,7 +75,16 @@ def get_fold_checkpoints():
 
 
 def get_final_output(wildcards):
-    return expand(WORK / "{batch}" / "restore", batch=get_batches())
+    return [SUMMARY / "table_s1.md", SUMMARY / "by_region.parquet"]
+
+
+def get_ledgers(score_folders):
+    """ledger.tsv of every stage of the batches whose score folders are given."""
+    return [
+        str(Path(folder).parent / stage / "ledger.tsv")
+        for folder in score_folders
+        for stage in LEDGER_STAGES
+    ]
 
 
 def batch_minutes(per_image):

@@ -1,0 +1,196 @@
+"""Score rows per image and cohort summaries: the long score table, by-region statistics, Table S1, plots.
+
+Score table (long format, one row per image x structure x metric): subject,
+session, region, image_id, batch, structure, metric (DSC or ASSD), value,
+definition (ASSD definition, see `metrics`), flag (empty-mask policy), and the
+voxel counts of both masks. Stored as parquet, partitioned by region (hive).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from . import io, metrics
+from .labels import REGIONS
+
+__all__ = [
+    "SCORE_SCHEMA",
+    "TABLE_S1_ROWS",
+    "by_region",
+    "geometry_mismatch",
+    "image_score_rows",
+    "read_scores",
+    "table_s1",
+    "write_scores",
+]
+
+# The structures and their order in Table S1 of the SPINEPS supplement.
+TABLE_S1_ROWS = (
+    "Vertebra", "IVD", "Spinal canal", "Spinal cord",
+    "Arcus", "Spinous process", "Articularis inferior", "Articularis superior", "Costal process", "Vertebra corpus",
+)
+TABLE_S1_REGIONS = {"cervical": "Cervical", "thoracic": "Thoracic", "lumbar": "Lumbar"}
+
+SCORE_SCHEMA = pa.schema([
+    ("subject", pa.string()), ("session", pa.string()), ("region", pa.string()), ("image_id", pa.string()),
+    ("batch", pa.string()), ("structure", pa.string()), ("metric", pa.string()), ("value", pa.float64()),
+    ("definition", pa.string()), ("flag", pa.string()), ("pred_voxels", pa.int64()), ("ref_voxels", pa.int64()),
+])
+
+
+def geometry_mismatch(pred_path: Path, pred_shape, pred_affine, ref_path: Path, ref_shape, ref_affine) -> str | None:
+    """A message naming both files and both grids when they differ, else None."""
+    if tuple(pred_shape) == tuple(ref_shape) and np.allclose(pred_affine, ref_affine, atol=1e-3):
+        return None
+    def grid(shape, affine):
+        return f"shape {tuple(int(s) for s in shape)}, affine {np.round(affine[:3], 3).tolist()}"
+    return f"reference {ref_path} ({grid(ref_shape, ref_affine)}) is not on the grid of {pred_path} ({grid(pred_shape, pred_affine)})"
+
+
+def image_score_rows(
+    row: pd.Series, pred_path: Path, ref_path: Path, structures: Mapping[str, Sequence[int]], definition: str
+) -> pd.DataFrame:
+    """Long-format DSC and ASSD rows of one image against its reference."""
+    pred, pred_affine = io.load_mask(pred_path)
+    ref, ref_affine = io.load_mask(ref_path)
+    if problem := geometry_mismatch(pred_path, pred.shape, pred_affine, ref_path, ref.shape, ref_affine):
+        raise ValueError(problem)
+    from .geometry import spacing_of
+
+    scores = metrics.score_structures(pred, ref, spacing_of(ref_affine), structures, definition)
+    records = []
+    for s in scores:
+        for metric, value, how in (("DSC", s.dsc, ""), ("ASSD", s.assd, definition)):
+            records.append({"structure": s.structure, "metric": metric, "value": value, "definition": how, "flag": s.flag,
+                            "pred_voxels": s.pred_voxels, "ref_voxels": s.ref_voxels})
+    out = pd.DataFrame(records)
+    for col in ("subject", "session", "region", "image_id", "batch"):
+        out.insert(0, col, row[col])
+    return out[SCORE_SCHEMA.names]
+
+
+def write_scores(path: Path, table: pd.DataFrame) -> None:
+    """One parquet file, written atomically; an empty table keeps the schema."""
+    data = pa.Table.from_pandas(table[SCORE_SCHEMA.names] if len(table) else pd.DataFrame(columns=SCORE_SCHEMA.names),
+                                schema=SCORE_SCHEMA, preserve_index=False)
+    import pyarrow.parquet as pq
+
+    with io.atomic_path(path) as tmp:
+        pq.write_table(data, tmp)
+
+
+def read_scores(files: Sequence[Path]) -> pa.Table:
+    """All score files as one Arrow table (pyarrow reads them in parallel, no per-file Python)."""
+    return ds.dataset([str(f) for f in files], format="parquet", schema=SCORE_SCHEMA).to_table()
+
+
+def write_partitioned(table: pa.Table, folder: Path) -> None:
+    """The cohort's scores as a hive-partitioned dataset (``region=lumbar/…``), replaced as a whole."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    ds.write_dataset(table, tmp, format="parquet", partitioning=["region"], partitioning_flavor="hive",
+                     existing_data_behavior="delete_matching")
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def by_region(scores: pd.DataFrame) -> pd.DataFrame:
+    """region x structure x metric: mean, SD, median, IQR and counts.
+
+    NaN values (both masks empty, or an ASSD with one mask empty) are left out
+    and counted in ``n_excluded``; a missed structure's DSC of 0 is counted.
+    """
+    grouped = scores.groupby(["region", "structure", "metric"], observed=True)["value"]
+    out = grouped.agg(mean="mean", sd="std", median="median", q1=lambda v: v.quantile(0.25), q3=lambda v: v.quantile(0.75),
+                      n="count", n_rows="size").reset_index()
+    out["iqr"] = out["q3"] - out["q1"]
+    out["n_excluded"] = out.pop("n_rows") - out["n"]
+    return out
+
+
+def table_s1(summary: pd.DataFrame, structures: Sequence[str] = TABLE_S1_ROWS) -> pd.DataFrame:
+    """Table S1 layout: one row per structure; per region a DSC and an ASSD (mm) column, "mean ± SD"."""
+    def cell(region, structure, metric):
+        hit = summary[(summary.region == region) & (summary.structure == structure) & (summary.metric == metric)]
+        if hit.empty or pd.isna(hit["mean"].iloc[0]):
+            return "–"
+        mean, sd = hit["mean"].iloc[0], hit["sd"].iloc[0]
+        digits = 3 if metric == "DSC" else 2
+        return f"{mean:.{digits}f} ± {sd:.{digits}f}" if pd.notna(sd) else f"{mean:.{digits}f}"
+
+    columns = {"Structure": list(structures)}
+    for region in REGIONS:
+        for metric, title in (("DSC", "DSC"), ("ASSD", "ASSD (mm)")):
+            columns[f"{TABLE_S1_REGIONS[region]} {title}"] = [cell(region, s, metric) for s in structures]
+    return pd.DataFrame(columns)
+
+
+def write_table_s1(table: pd.DataFrame, folder: Path, caption: str) -> dict[str, Path]:
+    """Table S1 as Markdown, CSV and LaTeX (atomic writes); returns the paths by format."""
+    paths = {"md": folder / "table_s1.md", "csv": folder / "table_s1.csv", "tex": folder / "table_s1.tex"}
+    texts = {
+        "md": f"{caption}\n\n{table.to_markdown(index=False)}\n",
+        "csv": table.to_csv(index=False),
+        "tex": table.to_latex(index=False, caption=caption, label="tab:s1").replace("±", r"$\pm$"),
+    }
+    for fmt, path in paths.items():
+        with io.atomic_path(path) as tmp:
+            tmp.write_text(texts[fmt], encoding="utf-8")
+    return paths
+
+
+def box_plots(scores: pd.DataFrame, folder: Path, structures: Sequence[str]) -> list[Path]:
+    """One PNG per metric: a box per structure and region."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for metric, unit in (("DSC", ""), ("ASSD", " (mm)")):
+        data = scores[(scores.metric == metric) & scores.value.notna()]
+        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(structures)), 4), dpi=100)
+        width = 0.8 / len(REGIONS)
+        for k, region in enumerate(REGIONS):
+            values = [data.value[(data.region == region) & (data.structure == s)].to_numpy() for s in structures]
+            pos = np.arange(len(structures)) + (k - 1) * width
+            keep = [i for i, v in enumerate(values) if len(v)]
+            if keep:
+                box = ax.boxplot([values[i] for i in keep], positions=pos[keep], widths=width * 0.9, patch_artist=True,
+                                 manage_ticks=False)
+                for patch in box["boxes"]:
+                    patch.set_facecolor(f"C{k}")
+            ax.plot([], [], "s", color=f"C{k}", label=TABLE_S1_REGIONS[region])
+        ax.set_xticks(np.arange(len(structures)), structures, rotation=30, ha="right")
+        ax.set_ylabel(metric + unit)
+        ax.legend(loc="best", fontsize=8)
+        fig.tight_layout()
+        path = folder / f"boxplot_{metric.lower()}.png"
+        with io.atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def failures(ledgers: Sequence[Path]) -> pd.DataFrame:
+    """One row per image that did not finish: where it failed and why.
+
+    A stage's own failure wins over the "skipped" rows that later stages write
+    for it (those carry the reason but not the stage; temporary fold folders may
+    be gone, so a skipped row is all that is left of a failed fold).
+    """
+    tables = [pd.read_csv(p, sep="\t", dtype=str, keep_default_na=False) for p in ledgers]
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["image_id", "stage", "status", "message"])
+    table = table[table.status != "ok"].copy()
+    table["order"] = (table.status != "failed").astype(int)
+    table = table.sort_values(["image_id", "order"], kind="stable").drop_duplicates("image_id")
+    return table.drop(columns="order").reset_index(drop=True)

@@ -1,0 +1,123 @@
+"""Score rows, by-region summaries, Table S1 and the failures table; the demo run end to end."""
+
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as ds
+import pytest
+import yaml
+
+from spinecohort import cohort, io, summary
+from spinecohort.pipeline import derivative_path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+# The supplement's Table S1: these rows, and per station a DSC and an ASSD column.
+SUPPLEMENT_ROWS = ["Vertebra", "IVD", "Spinal canal", "Spinal cord", "Arcus", "Spinous process",
+                   "Articularis inferior", "Articularis superior", "Costal process", "Vertebra corpus"]
+SUPPLEMENT_COLUMNS = ["Structure"] + [f"{r} {m}" for r in ("Cervical", "Thoracic", "Lumbar") for m in ("DSC", "ASSD (mm)")]
+
+
+def long_scores() -> pd.DataFrame:
+    rows = []
+    values = {"cervical": [0.9, 0.8, 0.0, np.nan], "lumbar": [0.5, 0.7, 0.6, 0.9]}
+    for region, dsc in values.items():
+        for k, v in enumerate(dsc):
+            rows.append({"region": region, "structure": "IVD", "metric": "DSC", "value": v, "image_id": f"{region}{k}"})
+    return pd.DataFrame(rows)
+
+
+def test_by_region_statistics_match_numpy_and_count_exclusions():
+    stats = summary.by_region(long_scores()).set_index(["region", "structure", "metric"])
+    cerv = stats.loc[("cervical", "IVD", "DSC")]
+    kept = np.array([0.9, 0.8, 0.0])  # the missed structure's DSC 0 counts; NaN (both empty) does not
+    assert cerv["mean"] == pytest.approx(kept.mean()) and cerv["sd"] == pytest.approx(kept.std(ddof=1))
+    assert (cerv["n"], cerv["n_excluded"]) == (3, 1)
+    lumb = stats.loc[("lumbar", "IVD", "DSC")]
+    q1, q3 = np.percentile([0.5, 0.7, 0.6, 0.9], [25, 75])
+    assert lumb["median"] == pytest.approx(0.65) and lumb["iqr"] == pytest.approx(q3 - q1)
+
+
+def test_table_s1_has_the_supplements_layout():
+    assert list(CONFIG["metrics"]["structures"]) == SUPPLEMENT_ROWS
+    table = summary.table_s1(summary.by_region(long_scores()), SUPPLEMENT_ROWS)
+    assert list(table.columns) == SUPPLEMENT_COLUMNS
+    assert list(table["Structure"]) == SUPPLEMENT_ROWS
+    ivd = table.set_index("Structure").loc["IVD"]
+    assert ivd["Lumbar DSC"] == f"{np.mean([0.5, 0.7, 0.6, 0.9]):.3f} ± {np.std([0.5, 0.7, 0.6, 0.9], ddof=1):.3f}"
+    assert ivd["Thoracic DSC"] == "–"  # no thoracic images
+
+
+def test_failures_table_prefers_the_failing_stage_over_later_skips(tmp_path: Path):
+    io.write_tsv(tmp_path / "a.tsv", pd.DataFrame({"image_id": ["x", "y"], "stage": ["restore"] * 2,
+                                                   "status": ["skipped", "ok"], "message": ["x.nii.gz: NaN voxels", ""]}))
+    io.write_tsv(tmp_path / "b.tsv", pd.DataFrame({"image_id": ["x"], "stage": ["bias_correct"], "status": ["failed"],
+                                                   "message": ["x.nii.gz: NaN voxels"]}))
+    table = summary.failures([tmp_path / "a.tsv", tmp_path / "b.tsv"])
+    assert table[["image_id", "stage", "status"]].values.tolist() == [["x", "bias_correct", "failed"]]
+
+
+@pytest.fixture
+def scored_batch(small_cohort: Path, tmp_path: Path):
+    """The phantom references as 'predictions' for batch b0001, one reference moved to another grid, one removed."""
+    table = cohort.resolve_paths(cohort.read_manifest(small_cohort), small_cohort.parent)
+    batch = table[table.batch == "b0001"].reset_index(drop=True)
+    derivatives = tmp_path / "derivatives"
+    for _, row in batch.iterrows():
+        target = derivative_path(derivatives, row, "spine")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(Path(row.reference_semantic).read_bytes())
+    shifted = tmp_path / "shifted_ref.nii.gz"
+    ref = nib.load(batch.reference_semantic[0])
+    nib.save(nib.Nifti1Image(np.asarray(ref.dataobj)[:, :-2], ref.affine), shifted)
+    edited = pd.read_csv(small_cohort, sep="\t", dtype=str, keep_default_na=False)
+    edited.loc[edited.image_id == batch.image_id[0], "reference_semantic"] = str(shifted)
+    edited.loc[edited.image_id == batch.image_id[1], "reference_semantic"] = ""
+    manifest = small_cohort.parent / "edited.tsv"
+    edited.to_csv(manifest, sep="\t", index=False)
+    restore = tmp_path / "restore"
+    io.write_tsv(restore / "ledger.tsv", pd.DataFrame({"image_id": batch.image_id, "stage": "restore", "status": "ok", "message": ""}))
+    return manifest, batch, derivatives, restore, shifted
+
+
+def test_score_stage_scores_references_and_fails_a_grid_mismatch_alone(scored_batch, tmp_path: Path):
+    manifest, batch, derivatives, restore, shifted = scored_batch
+    out = tmp_path / "scores"
+    structures = '{"Vertebra": [41, 42, 43, 44, 45, 46, 47, 48, 49], "IVD": [100], "Nothing": [90]}'
+    subprocess.run(["spinecohort", "score", "--manifest", manifest, "--batch", "b0001", "--input", restore,
+                    "--derivatives", derivatives, "--structures", structures, "--out", out], check=True, capture_output=True)
+    ledger = pd.read_csv(out / "ledger.tsv", sep="\t", dtype=str, keep_default_na=False).set_index("image_id")
+    mismatch = ledger.loc[batch.image_id[0]]
+    assert mismatch.status == "failed"
+    assert str(shifted) in mismatch.message and "shape (160, 158, 14)" in mismatch.message and "(160, 160, 14)" in mismatch.message
+    assert batch.image_id[1] not in ledger.index  # no reference: no row, no error
+    scores = pd.read_parquet(out / "scores.parquet")
+    scored = set(batch.image_id[2:])
+    assert set(scores.image_id) == scored and len(scored) >= 1
+    real = scores[scores.structure != "Nothing"]
+    assert (real[real.metric == "DSC"].value == 1.0).all() and (real[real.metric == "ASSD"].value == 0.0).all()
+    nothing = scores[scores.structure == "Nothing"]
+    assert (nothing.flag == "both_empty").all() and nothing.value.isna().all()
+    assert set(scores.definition[scores.metric == "ASSD"]) == {"mean_of_means"}
+
+
+@pytest.mark.slow
+def test_demo_run_writes_partitioned_scores_table_s1_and_plots(tmp_path: Path):
+    """The default demo through every rule (random-weight model: the values are meaningless, the outputs are not)."""
+    subprocess.run(["snakemake", "--cores", "2", "--config", f"results={tmp_path}"], cwd=ROOT, check=True,
+                   capture_output=True, timeout=1500)
+    summ = tmp_path / "summary"
+    for name in ("by_region.parquet", "table_s1.md", "table_s1.csv", "table_s1.tex", "boxplot_dsc.png", "boxplot_assd.png",
+                 "failures.tsv"):
+        assert (summ / name).stat().st_size > 0, name
+    table = pd.read_csv(summ / "table_s1.csv")
+    assert list(table.columns) == SUPPLEMENT_COLUMNS and list(table.Structure) == SUPPLEMENT_ROWS
+    assert "\\begin{tabular}" in (summ / "table_s1.tex").read_text()
+    dataset = ds.dataset(tmp_path / "scores", format="parquet", partitioning="hive").to_table().to_pandas()
+    assert set(dataset.region) == {"cervical", "thoracic", "lumbar"}
+    assert dataset.image_id.nunique() == 3 * CONFIG["demo"]["subjects"]
+    by_region = pd.read_parquet(summ / "by_region.parquet")
+    assert set(by_region.structure) == set(SUPPLEMENT_ROWS) and (by_region.n + by_region.n_excluded == CONFIG["demo"]["subjects"]).all()

@@ -1,0 +1,70 @@
+# Scores against the manifest's reference masks, and the cohort-wide summaries.
+
+
+rule score:
+    input:
+        manifest=ancient(MANIFEST),
+        restore=WORK / "{batch}" / "restore",
+    output:
+        directory(WORK / "{batch}" / "scores"),
+    log:
+        LOGS / "score" / "{batch}.log",
+    benchmark:
+        BENCH / "score" / "{batch}.tsv"
+    conda:
+        "../../envs/spinecohort.yaml"
+    threads: 1
+    resources:
+        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        runtime=batch_minutes(0.05),
+    params:
+        members=get_batch_members,
+        derivatives=DERIVATIVES,
+        structures=shlex.quote(json.dumps(config["metrics"]["structures"])),
+        assd=config["metrics"]["assd"],
+    shell:
+        "spinecohort score --manifest {input.manifest} --batch {wildcards.batch}"
+        " --input {input.restore} --derivatives {params.derivatives}"
+        " --structures {params.structures} --assd {params.assd} --out {output} &> {log}"
+
+
+rule summarize:
+    input:
+        scores=lambda wildcards: expand(WORK / "{batch}" / "scores", batch=get_batches()),
+    output:
+        dataset=directory(RESULTS / "scores"),
+        by_region=SUMMARY / "by_region.parquet",
+        table_md=report(
+            SUMMARY / "table_s1.md",
+            caption="../report/table_s1.rst",
+            category="Summary",
+        ),
+        table_csv=SUMMARY / "table_s1.csv",
+        table_tex=SUMMARY / "table_s1.tex",
+        plots=report(
+            expand(SUMMARY / "boxplot_{metric}.png", metric=["dsc", "assd"]),
+            caption="../report/boxplots.rst",
+            category="Summary",
+        ),
+        failures=report(
+            SUMMARY / "failures.tsv",
+            caption="../report/failures.rst",
+            category="Failures",
+        ),
+    log:
+        LOGS / "summarize.log",
+    benchmark:
+        BENCH / "summarize.tsv"
+    conda:
+        "../../envs/spinecohort.yaml"
+    threads: 1
+    resources:
+        mem_mb=lambda wildcards, attempt: 4000 * attempt,
+        runtime=lambda wildcards, attempt: 30 * attempt,
+    params:
+        ledgers=lambda wildcards, input: " ".join(get_ledgers(input.scores)),
+        structures=shlex.quote(json.dumps(list(config["metrics"]["structures"]))),
+        folder=SUMMARY,
+    shell:
+        "spinecohort summarize --scores {input.scores} --ledgers {params.ledgers}"
+        " --structures {params.structures} --dataset {output.dataset} --out {params.folder} &> {log}"
