@@ -1,0 +1,148 @@
+"""Instance phase on phantoms, with a cutout predictor that returns the true above/centre/below masks.
+
+The oracle isolates centres, cutouts, merging and numbering from network quality.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spinecohort import geometry, instances
+from spinecohort import labels as L
+from spinecohort.phantom import PRESETS, make_subject, render_station
+
+SPACING = (1.875, 1.875, 4.4)  # the small preset's grid, so the round trip to instance space is exact
+MODEL = instances.InstanceModel(path=Path("."), orientation=("P", "I", "R"), spacing=SPACING, cutout=(64, 64, 16),
+                                corpus_min_voxels=10, vertebra_min_voxels=20)
+
+
+def to_instance_space(ph):
+    grid = geometry.target_grid(ph.semantic.shape, ph.affine, MODEL.orientation, MODEL.spacing)
+    seg = geometry.resample(ph.semantic, ph.affine, grid, kind="nearest")
+    ref = geometry.resample(ph.instance, ph.affine, grid, kind="nearest")
+    return seg, ref, grid
+
+
+def oracle(reference: np.ndarray):
+    """Predictor returning 1/2/3 for the true vertebra above / at / below each cutout's centre."""
+    vertebrae = [k for k in np.unique(reference) if 0 < k < L.IVD_OFFSET and k != L.SACRUM]
+    centroid = {k: np.argwhere(reference == k).mean(axis=0) for k in vertebrae}
+    order = sorted(vertebrae, key=lambda k: centroid[k][1])
+    size = np.array(MODEL.cutout)
+
+    def predict(onehot, origins):
+        out = []
+        for origin in origins:
+            centre = origin + size // 2
+            at = reference[tuple(np.clip(centre, 0, np.array(reference.shape) - 1))]
+            v = at if at in order else min(order, key=lambda k: np.linalg.norm(centroid[k] - centre))
+            i = order.index(v)
+            window = instances._window(reference, origin, size)
+            pred = np.zeros(window.shape, np.uint8)
+            for label, j in ((1, i - 1), (2, i), (3, i + 1)):
+                if 0 <= j < len(order):
+                    pred[window == order[j]] = label
+            out.append(pred)
+        return np.stack(out)
+
+    return predict
+
+
+def dice(a, b):
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def check_against_reference(ph, region, *, anchored=True):
+    seg, ref, grid = to_instance_space(ph)
+    out, note = instances.assemble(seg, MODEL, oracle(ref), region)
+    restored = geometry.resample(out, grid[1], (ph.instance.shape, ph.affine), kind="nearest")
+    truth = ph.instance
+    # Every vertebra whose body shows; one cut off above its body is out of reach of every cutout (as in SPINEPS).
+    vertebrae = [k for k in np.unique(truth) if 0 < k < L.IVD_OFFSET and ((truth == k) & (ph.semantic == L.CORPUS)).any()]
+    assert len(vertebrae) >= 6
+    if anchored:
+        assert note == ""
+        for k in vertebrae:
+            assert dice(restored == k, truth == k) >= 0.99, (region, L.VERTEBRA_NAMES.get(k, k))
+        discs = truth >= L.IVD_OFFSET
+        assert np.array_equal(restored[discs], truth[discs])
+    else:
+        assert "top-down count" in note
+        # Ids are a count: the same instances, shifted by one constant.
+        shift = {int(np.median(truth[restored == k])) - int(k) for k in np.unique(restored) if 0 < k < L.IVD_OFFSET}
+        assert len(shift) == 1
+        (s,) = shift
+        for k in vertebrae:
+            assert dice(restored == k - s, truth == k) >= 0.99
+        ivd = truth >= L.IVD_OFFSET
+        assert np.array_equal(restored[ivd].astype(int) + s, truth[ivd])  # 100+X and 200+X follow the vertebra
+    return restored
+
+
+@pytest.mark.parametrize("region", ["cervical", "lumbar"])
+def test_oracle_cutouts_give_the_reference_instances(region):
+    ph = render_station(make_subject(0, 1), region, PRESETS["small"], seed=0, index=1)
+    check_against_reference(ph, region)
+
+
+def test_thoracic_station_has_no_anchor_and_says_so():
+    ph = render_station(make_subject(0, 1), "thoracic", PRESETS["small"], seed=0, index=1)
+    check_against_reference(ph, "thoracic", anchored=False)
+
+
+def test_no_vertebral_body_gives_an_empty_mask_and_a_reason():
+    seg = np.zeros((40, 64, 16), np.uint8)
+    seg[10:20, 10:50, 4:10] = L.CANAL
+    out, note = instances.assemble(seg, MODEL, oracle(np.zeros_like(seg)), "lumbar")
+    assert not out.any() and "no vertebral body" in note
+
+
+def test_a_merged_body_is_split_into_two_centres():
+    ph = render_station(make_subject(0, 1), "lumbar", PRESETS["small"], seed=0, index=1)
+    seg, ref, _ = to_instance_space(ph)
+    before = instances.corpus_centres(seg, min_voxels=10)
+    # Merge L3 and L4: their disc becomes corpus.
+    l3, l4 = L.VERTEBRA_IDS["L3"], L.VERTEBRA_IDS["L4"]
+    disc = ref == L.IVD_OFFSET + l3
+    merged = seg.copy()
+    merged[disc | np.isin(ref, [L.ENDPLATE_OFFSET + l3])] = L.CORPUS
+    after = instances.corpus_centres(merged, min_voxels=10)
+    assert len(after) == len(before)
+    body = lambda k: np.argwhere((ref == k) & (seg == L.CORPUS)).mean(axis=0)  # noqa: E731
+    for k in (l3, l4):
+        assert np.min(np.linalg.norm(after - body(k), axis=1)) < 4.0  # voxels
+
+
+def test_sacrum_is_26_in_a_lumbar_station():
+    ph = render_station(make_subject(0, 1), "lumbar", PRESETS["small"], seed=0, index=1)
+    restored = check_against_reference(ph, "lumbar")
+    assert np.array_equal(restored == L.SACRUM, ph.instance == L.SACRUM) and (ph.instance == L.SACRUM).any()
+
+
+def test_a_missing_body_still_gives_its_vertebra_from_the_neighbouring_cutouts():
+    ph = render_station(make_subject(1, 1), "lumbar", PRESETS["small"], seed=0, index=1)
+    l3 = L.VERTEBRA_IDS["L3"]
+    ph.semantic[(ph.instance == l3) & (ph.semantic == L.CORPUS)] = 0  # the semantic model missed L3's body
+    seg, ref, grid = to_instance_space(ph)
+    out, note = instances.assemble(seg, MODEL, oracle(ref), "lumbar")
+    restored = geometry.resample(out, grid[1], (ph.instance.shape, ph.affine), kind="nearest")
+    vertebra = np.isin(ph.semantic, L.VERTEBRA_PARTS)
+    assert not ((ref == l3) & (seg == L.CORPUS)).any()  # no centre can come from L3
+    for name in ("L2", "L3", "L4"):
+        k = L.VERTEBRA_IDS[name]
+        assert dice((restored == k) & vertebra, (ph.instance == k) & vertebra) >= 0.99, name
+
+
+def test_a_transitional_vertebra_is_found_and_counted_from_s1():
+    """Six lumbar vertebrae: all found; without a labelling model, L6 takes L5's id counting up from S1."""
+    ph = render_station(make_subject(0, 1, anomaly="l6"), "lumbar", PRESETS["small"], seed=0, index=1)
+    assert (ph.instance == L.VERTEBRA_IDS["L6"]).any()
+    seg, ref, grid = to_instance_space(ph)
+    out, note = instances.assemble(seg, MODEL, oracle(ref), "lumbar")
+    restored = geometry.resample(out, grid[1], (ph.instance.shape, ph.affine), kind="nearest")
+    found = [k for k in np.unique(ph.instance) if 0 < k < L.IVD_OFFSET and ((ph.instance == k) & (ph.semantic == L.CORPUS)).any()]
+    for k in found:
+        ours = np.bincount(restored[ph.instance == k]).argmax()
+        assert dice(restored == ours, ph.instance == k) >= 0.99
+    assert np.bincount(restored[ph.instance == L.VERTEBRA_IDS["L6"]]).argmax() == L.VERTEBRA_IDS["L5"]
