@@ -17,6 +17,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/semantic.smk"
+include: "workflow/rules/instance.smk"
 include: "workflow/rules/metrics.smk"
 
 

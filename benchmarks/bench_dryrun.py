@@ -37,7 +37,8 @@ def manifest(n_subjects: int, folder: Path) -> Path:
 
 def fake_model(folder: Path) -> Path:
     """Dry-runs only check that model files exist."""
-    for name in ["inference_config.json", *(f"fold_{f}/checkpoint_final.pth" for f in range(3))]:
+    for name in ["inference_config.json", *(f"fold_{f}/checkpoint_final.pth" for f in range(3)),
+                 "instance/inference_config.json", "instance/instance_weights.ckpt"]:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).touch()
     return folder
@@ -47,7 +48,8 @@ def dry_run(path: Path, model: Path, results: Path) -> tuple[float, float, int]:
     """Wall seconds, peak RSS in GB of the snakemake process, and the job count."""
     config = path.with_suffix(".yaml")
     config.write_text(json.dumps({"manifest": str(path), "results": str(results), "batch_size": BATCH_SIZE,
-                                  "demo": {"enabled": False}, "semantic_model": {"path": str(model), "folds": [0, 1, 2]}}))
+                                  "demo": {"enabled": False}, "semantic_model": {"path": str(model), "folds": [0, 1, 2]},
+                                  "instance_model": {"path": str(model / "instance")}}))
     cmd = [sys.executable, "-m", "snakemake", "-n", "--quiet", "rules", "--cores", "1", "--directory", str(ROOT),
            "--configfile", str(config)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss

@@ -24,12 +24,12 @@ def to_instance_space(ph):
     return seg, ref, grid
 
 
-def oracle(reference: np.ndarray):
+def oracle(reference: np.ndarray, cutout=MODEL.cutout):
     """Predictor returning 1/2/3 for the true vertebra above / at / below each cutout's centre."""
     vertebrae = [k for k in np.unique(reference) if 0 < k < L.IVD_OFFSET and k != L.SACRUM]
     centroid = {k: np.argwhere(reference == k).mean(axis=0) for k in vertebrae}
     order = sorted(vertebrae, key=lambda k: centroid[k][1])
-    size = np.array(MODEL.cutout)
+    size = np.array(cutout)
 
     def predict(onehot, origins):
         out = []
@@ -146,3 +146,44 @@ def test_a_transitional_vertebra_is_found_and_counted_from_s1():
         ours = np.bincount(restored[ph.instance == k]).argmax()
         assert dice(restored == ours, ph.instance == k) >= 0.99
     assert np.bincount(restored[ph.instance == L.VERTEBRA_IDS["L6"]]).argmax() == L.VERTEBRA_IDS["L5"]
+
+
+def test_network_path_runs_through_the_stage_cli(small_cohort, tmp_path):
+    """assemble-instances with a (random-weight) SPINEPS-format model on true semantic masks, then restore."""
+    import subprocess
+
+    import pandas as pd
+
+    from spinecohort import cohort, io
+    from spinecohort.models import write_random_instance_model
+    from spinecohort.pipeline import derivative_path
+
+    model = write_random_instance_model(tmp_path / "instance", spacing=(2.0, 2.0, 4.4), cutout=(64, 64, 16))
+    table = cohort.resolve_paths(cohort.read_manifest(small_cohort), small_cohort.parent)
+    batch = table[table.batch == "b0001"]
+    semantic = tmp_path / "semantic"
+    for row in batch.itertuples():
+        seg, affine = io.load_mask(row.reference_semantic)
+        io.save_nifti(semantic / f"{row.image_id}_seg-spine-raw_msk.nii.gz", seg, affine, dtype=np.uint8)
+    io.write_tsv(semantic / "ledger.tsv", pd.DataFrame({"image_id": batch.image_id, "stage": "average_folds", "status": "ok", "message": ""}))
+    common = ["--manifest", str(small_cohort), "--batch", "b0001"]
+    subprocess.run(["spinecohort", "assemble-instances", *common, "--input", semantic, "--model", model, "--device", "cpu",
+                    "--out", tmp_path / "instances"], check=True, capture_output=True)
+    ledger = pd.read_csv(tmp_path / "instances" / "ledger.tsv", sep="\t", dtype=str, keep_default_na=False)
+    assert (ledger.status == "ok").all() and len(ledger) == len(batch)
+    for row in batch.itertuples():
+        vert, affine = io.load_mask(tmp_path / "instances" / f"{row.image_id}_seg-vert-raw_msk.nii.gz")
+        assert nib_codes(affine) == ("P", "I", "R")
+    subprocess.run(["spinecohort", "restore", *common, "--input", semantic, "--instances", tmp_path / "instances",
+                    "--derivatives", tmp_path / "derivatives", "--out", tmp_path / "restore"], check=True, capture_output=True)
+    for _, row in batch.iterrows():
+        image, affine = io.load_image(row.image)
+        vert, vert_affine = io.load_mask(derivative_path(tmp_path / "derivatives", row, "vert"))
+        assert vert.shape == image.shape and np.allclose(vert_affine, affine)
+        assert derivative_path(tmp_path / "derivatives", row, "vert", "snp.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def nib_codes(affine):
+    import nibabel as nib
+
+    return nib.aff2axcodes(affine)

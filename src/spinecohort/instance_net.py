@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["InstanceUNet", "load_instance_checkpoint", "save_instance_checkpoint"]
+__all__ = ["InstanceUNet", "NetworkPredictor", "infer_dim", "load_instance_checkpoint", "save_instance_checkpoint"]
 
 
 class _ConvNormAct(nn.Module):
@@ -140,3 +140,24 @@ def save_instance_checkpoint(path: str | Path, net: InstanceUNet, **extra: Any) 
     """Write `net` in the Lightning layout SPINEPS loads: {"state_dict": {"network.<name>": tensor}, ...}."""
     state = {f"network.{k}": v.detach().cpu() for k, v in net.state_dict().items()}
     torch.save({"state_dict": state, "pytorch-lightning_version": "2.0.0", **extra}, path)
+
+
+def infer_dim(state: dict[str, torch.Tensor]) -> int:
+    """Base width of a checkpoint's network: the stem convolution's output channels."""
+    return int(state["init_conv.weight"].shape[0])
+
+
+class NetworkPredictor:
+    """The instance U-Net as an `instances.Predictor`: batched forward pass, argmax over the 4 classes."""
+
+    def __init__(self, checkpoint: str | Path, *, device: torch.device) -> None:
+        state = load_instance_checkpoint(checkpoint, map_location="cpu")
+        self.net = InstanceUNet(dim=infer_dim(state))
+        self.net.load_state_dict(state, strict=True)
+        self.net.to(device).eval()
+        self.device = device
+
+    def __call__(self, onehot, origins):  # noqa: ARG002 - the network needs no positions
+        with torch.inference_mode():
+            logits = self.net(torch.from_numpy(onehot).to(self.device))
+        return logits.argmax(dim=1).to(torch.uint8).cpu().numpy()

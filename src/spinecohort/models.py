@@ -161,3 +161,40 @@ def write_random_semantic_model(
     config = semantic_inference_config(orientation=orientation, spacing=spacing, folds=folds, name="spinecohort_random_demo")
     io.write_json(out / "inference_config.json", config)  # last: marks the folder complete
     return out
+
+
+def instance_inference_config(*, spacing: Sequence[float], cutout: Sequence[int], name: str) -> dict[str, Any]:
+    """SPINEPS `inference_config.json` for a vertebra-instance U-Net (input: the semantic mask)."""
+    return {
+        "log_name": name,
+        "modality": "SEG",
+        "acquisition": "sag",
+        "modeltype": "unet",
+        "model_expected_orientation": ["P", "I", "R"],
+        "resolution_range": [float(s) for s in spacing],
+        "available_folds": 1,
+        "inference_augmentation": False,
+        "expected_inputs": ["seg"],
+        "cutout_size": [int(c) for c in cutout],
+        "corpus_size_cleaning": 10,
+        "vert_size_threshold": 20,
+        "labels": {"0": 0, "1": 1, "2": 2, "3": 3},
+    }
+
+
+def write_random_instance_model(
+    out: str | Path, *, spacing: Sequence[float] = (2.0, 2.0, 4.4), cutout: Sequence[int] = (64, 64, 16), dim: int = 8,
+    seed: int = 0,
+) -> Path:
+    """Write a SPINEPS-format instance model folder with random weights (Lightning checkpoint layout)."""
+    import torch
+
+    from .instance_net import InstanceUNet, save_instance_checkpoint
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    with io.atomic_path(out / "instance_weights.ckpt") as tmp:
+        save_instance_checkpoint(tmp, InstanceUNet(dim=dim), hyper_parameters={"dim": dim})
+    config = instance_inference_config(spacing=spacing, cutout=cutout, name="spinecohort_random_instance_demo")
+    io.write_json(out / "inference_config.json", config)  # last: marks the folder complete
+    return out

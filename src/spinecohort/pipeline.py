@@ -20,6 +20,7 @@ import pandas as pd
 
 from . import cohort, io
 from .labels import REGIONS
+from .labels import VERTEBRA_NAMES as L_NAMES
 from .metrics import ASSD_DEFINITIONS
 
 log = logging.getLogger("spinecohort")
@@ -49,11 +50,14 @@ def run_stage(
     stage: str,
     rows: pd.DataFrame,
     out: Path,
-    work: Callable[[pd.Series], None],
+    work: Callable[[pd.Series], str | None],
     *,
     upstream: list[Path] = (),  # type: ignore[assignment]
 ) -> pd.DataFrame:
-    """Apply `work` to every row; record ok/failed/skipped per image in `out/ledger.tsv`."""
+    """Apply `work` to every row; record ok/failed/skipped per image in `out/ledger.tsv`.
+
+    `work` may return a note (e.g. "no anchor visible"), kept as the message of an ok row.
+    """
     out.mkdir(parents=True, exist_ok=True)
     failed_before = upstream_failures(list(upstream))
     records = []
@@ -62,8 +66,8 @@ def run_stage(
             records.append((row.image_id, stage, "skipped", failed_before[row.image_id]))
             continue
         try:
-            work(row)
-            records.append((row.image_id, stage, "ok", ""))
+            note = work(row)
+            records.append((row.image_id, stage, "ok", note or ""))
         except Exception as exc:  # one image must never cost the batch
             message = str(exc) if isinstance(exc, ValueError) else f"{row.image}: {type(exc).__name__}: {exc}"
             log.error("%s failed in %s: %s\n%s", row.image_id, stage, message, traceback.format_exc())
@@ -134,22 +138,71 @@ def _average_folds(args: argparse.Namespace) -> None:
     run_stage("average_folds", batch_rows(args.manifest, args.batch), args.out, work, upstream=args.folds)
 
 
-def derivative_path(root: Path, row: pd.Series, seg: str) -> Path:
-    """SPINEPS/BIDS-derivative name of a result mask, e.g. ``…_mod-T2w_seg-spine_msk.nii.gz``."""
+def _assemble_instances(args: argparse.Namespace) -> None:
+    from .geometry import resample, target_grid
+    from .instance_net import NetworkPredictor
+    from .instances import assemble, read_instance_model
+    from .semantic import pick_device
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model = read_instance_model(args.model)
+    predictor = NetworkPredictor(model.checkpoint, device=pick_device(args.device))
+    log.info("instance model %s on device %s", model.checkpoint, predictor.device)
+
+    def work(row: pd.Series) -> str:
+        seg, affine = io.load_mask(args.input / f"{row.image_id}_seg-spine-raw_msk.nii.gz")
+        grid = target_grid(seg.shape, affine, model.orientation, model.spacing)
+        instance, note = assemble(resample(seg, affine, grid, kind="nearest"), model, predictor, row.region)
+        io.save_nifti(args.out / f"{row.image_id}_seg-vert-raw_msk.nii.gz", instance, grid[1], dtype=np.uint16)
+        return note
+
+    run_stage("assemble_instances", batch_rows(args.manifest, args.batch), args.out, work, upstream=[args.input])
+
+
+def derivative_path(root: Path, row: pd.Series, seg: str, suffix: str = "msk.nii.gz") -> Path:
+    """SPINEPS/BIDS-derivative name of a result, e.g. ``…_mod-T2w_seg-spine_msk.nii.gz`` or ``…_seg-vert_snp.png``."""
     folder = root / f"sub-{row.subject}" / (f"ses-{row.session}" if row.session else "") / "anat"
-    return folder / f"{row.image_id}_mod-T2w_seg-{seg}_msk.nii.gz"
+    return folder / f"{row.image_id}_mod-T2w_seg-{seg}_{suffix}"
+
+
+def _level_names(instance: np.ndarray, counted: bool) -> dict[int, str]:
+    """Legend names: levels (C2, L5/S1 …), or '#k' where the ids are only a count."""
+    def name(x: int) -> str:
+        return f"#{x}" if counted else L_NAMES.get(x, str(x))
+    names = {}
+    for v in np.unique(instance):
+        v = int(v)
+        if 0 < v < 100:
+            names[v] = name(v)
+        elif v >= 200:
+            names[v] = f"endplates {name(v - 200)}"
+        elif v >= 100:
+            names[v] = f"IVD below {name(v - 100)}"
+    return names
 
 
 def _restore(args: argparse.Namespace) -> None:
     from .geometry import resample
+    from .qc import snapshot_png
+
+    notes = pd.read_csv(args.instances / LEDGER, sep="\t", dtype=str, keep_default_na=False).set_index("image_id")["message"]
 
     def work(row: pd.Series) -> None:
         image, affine = io.load_image(row.image)
         seg, seg_affine = io.load_mask(args.input / f"{row.image_id}_seg-spine-raw_msk.nii.gz")
-        restored = resample(seg, seg_affine, (image.shape, affine), kind="nearest")
-        io.save_nifti(derivative_path(args.derivatives, row, "spine"), restored, affine, dtype=np.uint8)
+        semantic = resample(seg, seg_affine, (image.shape, affine), kind="nearest")
+        vert, vert_affine = io.load_mask(args.instances / f"{row.image_id}_seg-vert-raw_msk.nii.gz")
+        instance = resample(vert, vert_affine, (image.shape, affine), kind="nearest")
+        instance[semantic == 0] = 0
+        io.save_nifti(derivative_path(args.derivatives, row, "spine"), semantic, affine, dtype=np.uint8)
+        io.save_nifti(derivative_path(args.derivatives, row, "vert"), instance, affine, dtype=np.uint16)
+        counted = "top-down count" in notes.get(row.image_id, "")
+        snapshot_png(derivative_path(args.derivatives, row, "vert", "snp.png"), image, instance, affine,
+                     title=f"{row.image_id} ({row.region})", names=_level_names(instance, counted))
 
-    run_stage("restore", batch_rows(args.manifest, args.batch), args.out, work, upstream=[args.input])
+    run_stage("restore", batch_rows(args.manifest, args.batch), args.out, work, upstream=[args.input, args.instances])
 
 
 def _score(args: argparse.Namespace) -> None:
@@ -214,8 +267,13 @@ def add_stage_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--folds", type=Path, nargs="+", required=True, help="per-fold logit folders, in fold order")
     p.add_argument("--resampled", type=Path, required=True)
     p.add_argument("--model", type=Path, required=True)
-    p = stage("restore", _restore, "semantic masks back onto the input grid, SPINEPS names")
-    p.add_argument("--input", type=Path, required=True)
+    p = stage("assemble-instances", _assemble_instances, "vertebra instances from the semantic masks (cutout U-Net)")
+    p.add_argument("--input", type=Path, required=True, help="the batch's semantic folder")
+    p.add_argument("--model", type=Path, required=True, help="SPINEPS instance model folder")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
+    p = stage("restore", _restore, "semantic and instance masks back onto the input grid, SPINEPS names, QC snapshot")
+    p.add_argument("--input", type=Path, required=True, help="the batch's semantic folder")
+    p.add_argument("--instances", type=Path, required=True, help="the batch's instance folder")
     p.add_argument("--derivatives", type=Path, required=True)
 
     p = stage("score", _score, "DSC and ASSD per structure against the manifest's reference masks")
@@ -238,6 +296,19 @@ def add_stage_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spacing", type=float, nargs=3, default=(2.0, 2.0, 4.4))
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_random_model)
+
+    p = sub.add_parser("random-instance-model", help="write a SPINEPS instance model folder with random weights")
+    p.add_argument("out", type=Path)
+    p.add_argument("--spacing", type=float, nargs=3, default=(2.0, 2.0, 4.4))
+    p.add_argument("--cutout", type=int, nargs=3, default=(64, 64, 16))
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_random_instance_model)
+
+
+def _random_instance_model(args: argparse.Namespace) -> None:
+    from .models import write_random_instance_model
+
+    write_random_instance_model(args.out, spacing=args.spacing, cutout=args.cutout, seed=args.seed)
 
 
 def _random_model(args: argparse.Namespace) -> None:

@@ -16,7 +16,7 @@ BENCH = RESULTS / "benchmarks"
 DERIVATIVES = RESULTS / "derivatives" / "spinecohort"
 SUMMARY = RESULTS / "summary"
 # Stage folders of a batch whose ledgers feed the failures table (fold folders are temporary).
-LEDGER_STAGES = ("n4", "resampled", "semantic", "restore", "scores")
+LEDGER_STAGES = ("n4", "resampled", "semantic", "instances", "restore", "scores")
 MANIFEST = (
     str(RESULTS / "demo" / "cohort.tsv")
     if config["demo"]["enabled"]
@@ -32,6 +32,12 @@ MODEL = (
     else config["semantic_model"]["path"]
 )
 FOLDS = config["semantic_model"]["folds"]
+DEMO_INSTANCE_MODEL = RESULTS / "demo" / "models" / "instance_random"
+INSTANCE_MODEL = (
+    DEMO_INSTANCE_MODEL
+    if config["instance_model"]["path"] == "demo"
+    else config["instance_model"]["path"]
+)
 
 
 @functools.cache
@@ -68,6 +74,10 @@ def get_batch_members(wildcards):
 
 def get_model_file(name):
     return str(Path(MODEL) / name)
+
+
+def get_instance_model_file(name):
+    return str(Path(INSTANCE_MODEL) / name)
 
 
 def get_fold_checkpoints():

@@ -34,3 +34,17 @@ rule demo_semantic_model:
         folds=len(FOLDS),
     shell:
         "spinecohort random-model {params.folder} --folds {params.folds} &> {log}"
+
+
+rule demo_instance_model:
+    output:
+        config=DEMO_INSTANCE_MODEL / "inference_config.json",
+        weights=DEMO_INSTANCE_MODEL / "instance_weights.ckpt",
+    log:
+        LOGS / "demo_instance_model.log",
+    conda:
+        "../../envs/spinecohort.yaml"
+    params:
+        folder=lambda wildcards, output: Path(output.config).parent,
+    shell:
+        "spinecohort random-instance-model {params.folder} &> {log}"

@@ -55,6 +55,7 @@ rule restore:
     input:
         manifest=ancient(MANIFEST),
         semantic=WORK / "{batch}" / "semantic",
+        instances=WORK / "{batch}" / "instances",
     output:
         directory(WORK / "{batch}" / "restore"),
     log:
@@ -71,4 +72,5 @@ rule restore:
         derivatives=DERIVATIVES,
     shell:
         "spinecohort restore --manifest {input.manifest} --batch {wildcards.batch}"
-        " --input {input.semantic} --derivatives {params.derivatives} --out {output} &> {log}"
+        " --input {input.semantic} --instances {input.instances}"
+        " --derivatives {params.derivatives} --out {output} &> {log}"

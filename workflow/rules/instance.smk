@@ -1,0 +1,29 @@
+# Instance phase: vertebra instances from the semantic masks (SPINEPS-style cutout U-Net).
+
+
+rule assemble_instances:
+    input:
+        manifest=ancient(MANIFEST),
+        semantic=WORK / "{batch}" / "semantic",
+        model=get_instance_model_file("inference_config.json"),
+    output:
+        directory(WORK / "{batch}" / "instances"),
+    log:
+        LOGS / "assemble_instances" / "{batch}.log",
+    benchmark:
+        BENCH / "assemble_instances" / "{batch}.tsv"
+    conda:
+        "../../envs/spinecohort.yaml"
+    threads: 2
+    resources:
+        mem_mb=lambda wildcards, attempt: 6000 * attempt,
+        runtime=batch_minutes(0.5),
+        gpu=1 if config["device"] != "cpu" else 0,
+    params:
+        members=get_batch_members,
+        model=lambda wildcards, input: Path(input.model).parent,
+        device=config["device"],
+    shell:
+        "spinecohort assemble-instances --manifest {input.manifest} --batch {wildcards.batch}"
+        " --input {input.semantic} --model {params.model} --device {params.device}"
+        " --threads {threads} --out {output} &> {log}"
