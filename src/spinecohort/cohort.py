@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from .labels import REGIONS
@@ -149,20 +150,20 @@ def check_manifest(table: pd.DataFrame, *, source: str = "manifest", require_bat
     table.loc[no_id, "image_id"] = [
         f"sub-{r.subject}" + (f"_ses-{r.session}" if r.session else "") + f"_chunk-{r.region}" for r in table[no_id].itertuples()
     ]
-    problems = []
-    for i, row in enumerate(table.itertuples(index=False), start=1):
-        if not SAFE_ID.match(row.subject):
-            problems.append(f"row {i}: unsafe subject id {row.subject!r} (letters and digits only)")
-        if row.session and not SAFE_ID.match(row.session):
-            problems.append(f"row {i}: unsafe session id {row.session!r} (letters and digits only)")
-        if not SAFE_IMAGE_ID.match(row.image_id) or ".." in row.image_id:
-            problems.append(f"row {i}: unsafe image_id {row.image_id!r}")
-        if row.region not in REGIONS:
-            problems.append(f"row {i}: region {row.region!r} is not one of {', '.join(REGIONS)}")
-        if (require_batch or row.batch) and not BATCH_ID.match(row.batch):
-            problems.append(f"row {i}: batch {row.batch!r} does not look like b0001")
-        if not row.image:
-            problems.append(f"row {i}: empty image path")
+    # Column-wise checks (a 90,000-row manifest is read by every Snakemake invocation).
+    checks = [
+        ("subject", ~table.subject.str.fullmatch(SAFE_ID.pattern[1:-1]), "unsafe subject id {!r} (letters and digits only)"),
+        ("session", (table.session != "") & ~table.session.str.fullmatch(SAFE_ID.pattern[1:-1]),
+         "unsafe session id {!r} (letters and digits only)"),
+        ("image_id", ~table.image_id.str.fullmatch(SAFE_IMAGE_ID.pattern[1:-1]) | table.image_id.str.contains("..", regex=False),
+         "unsafe image_id {!r}"),
+        ("region", ~table.region.isin(REGIONS), "region {!r} is not one of " + ", ".join(REGIONS)),
+        ("batch", ((table.batch != "") | require_batch) & ~table.batch.str.fullmatch(BATCH_ID.pattern[1:-1]),
+         "batch {!r} does not look like b0001"),
+        ("image", table.image == "", "empty image path"),
+    ]
+    flagged = sorted((i, order, col, message) for order, (col, bad, message) in enumerate(checks) for i in np.flatnonzero(bad))
+    problems = [f"row {i + 1}: " + message.format(table[col].iat[i]) for i, _, col, message in flagged]
     for col, what in (("image_id", "image_id"), ("image", "image path")):
         dup = table[col][table[col].duplicated(keep=False) & (table[col] != "")]
         for value in sorted(set(dup)):

@@ -28,6 +28,12 @@ log = logging.getLogger("spinecohort")
 LEDGER = "ledger.tsv"
 
 
+def model_folder(path: str | Path) -> Path:
+    """A model folder given as itself or as its inference_config.json (what the rules have as input)."""
+    path = Path(path)
+    return path.parent if path.is_file() else path
+
+
 def batch_rows(manifest: Path, batch: str) -> pd.DataFrame:
     table = cohort.resolve_paths(cohort.read_manifest(manifest), manifest.parent)
     rows = table[table["batch"] == batch]
@@ -257,19 +263,19 @@ def add_stage_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bias-fwhm", type=float, default=0.15, help="N4 bias-field FWHM")
     p = stage("resample", _resample, "reorient and resample a batch into the semantic model's space")
     p.add_argument("--input", type=Path, required=True)
-    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--model", type=model_folder, required=True, help="model folder or its inference_config.json")
     p = stage("predict-fold", _predict_fold, "one nnU-Net fold over a batch: float16 logits")
     p.add_argument("--input", type=Path, required=True)
-    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--model", type=model_folder, required=True, help="model folder or its inference_config.json")
     p.add_argument("--fold", type=int, required=True)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
     p = stage("average-folds", _average_folds, "average fold logits, argmax, SPINEPS ids, clean-up")
     p.add_argument("--folds", type=Path, nargs="+", required=True, help="per-fold logit folders, in fold order")
     p.add_argument("--resampled", type=Path, required=True)
-    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--model", type=model_folder, required=True, help="model folder or its inference_config.json")
     p = stage("assemble-instances", _assemble_instances, "vertebra instances from the semantic masks (cutout U-Net)")
     p.add_argument("--input", type=Path, required=True, help="the batch's semantic folder")
-    p.add_argument("--model", type=Path, required=True, help="SPINEPS instance model folder")
+    p.add_argument("--model", type=model_folder, required=True, help="SPINEPS instance model folder or its inference_config.json")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
     p = stage("restore", _restore, "semantic and instance masks back onto the input grid, SPINEPS names, QC snapshot")
     p.add_argument("--input", type=Path, required=True, help="the batch's semantic folder")

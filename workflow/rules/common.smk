@@ -104,6 +104,11 @@ def batch_minutes(per_image):
     )
 
 
+def memory_mb(base):
+    """Memory (MB) of a job, scaled by the attempt so retries get more."""
+    return lambda wildcards, attempt: base * attempt
+
+
 wildcard_constraints:
     batch=r"b[0-9]+",
     fold=r"[0-9]+",

@@ -16,14 +16,13 @@ rule assemble_instances:
         "../../envs/spinecohort.yaml"
     threads: 2
     resources:
-        mem_mb=lambda wildcards, attempt: 6000 * attempt,
+        mem_mb=memory_mb(6000),
         runtime=batch_minutes(0.5),
         gpu=1 if config["device"] != "cpu" else 0,
     params:
         members=get_batch_members,
-        model=lambda wildcards, input: Path(input.model).parent,
         device=config["device"],
     shell:
         "spinecohort assemble-instances --manifest {input.manifest} --batch {wildcards.batch}"
-        " --input {input.semantic} --model {params.model} --device {params.device}"
+        " --input {input.semantic} --model {input.model} --device {params.device}"
         " --threads {threads} --out {output} &> {log}"

@@ -15,7 +15,7 @@ rule score:
         "../../envs/spinecohort.yaml"
     threads: 1
     resources:
-        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        mem_mb=memory_mb(2000),
         runtime=batch_minutes(0.05),
     params:
         members=get_batch_members,
@@ -61,7 +61,7 @@ rule summarize:
         "../../envs/spinecohort.yaml"
     threads: 1
     resources:
-        mem_mb=lambda wildcards, attempt: 4000 * attempt,
+        mem_mb=memory_mb(4000),
         runtime=lambda wildcards, attempt: 30 * attempt,
     params:
         ledgers=lambda wildcards, input: " ".join(get_ledgers(input.scores)),

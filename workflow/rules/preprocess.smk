@@ -11,7 +11,7 @@ rule bias_correct:
         "../../envs/spinecohort.yaml"
     threads: 2
     resources:
-        mem_mb=lambda wildcards, attempt: 3000 * attempt,
+        mem_mb=memory_mb(3000),
         runtime=batch_minutes(0.5),
     params:
         members=get_batch_members,
@@ -39,10 +39,8 @@ rule resample:
         "../../envs/spinecohort.yaml"
     threads: 1
     resources:
-        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        mem_mb=memory_mb(2000),
         runtime=batch_minutes(0.1),
-    params:
-        model=lambda wildcards, input: Path(input.model).parent,
     shell:
         "spinecohort resample --manifest {input.manifest} --batch {wildcards.batch}"
-        " --input {input.n4} --model {params.model} --out {output} &> {log}"
+        " --input {input.n4} --model {input.model} --out {output} &> {log}"

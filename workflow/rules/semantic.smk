@@ -2,6 +2,7 @@ rule predict_fold:
     input:
         manifest=ancient(MANIFEST),
         resampled=WORK / "{batch}" / "resampled",
+        model=get_model_file("inference_config.json"),
         checkpoint=get_model_file("fold_{fold}/checkpoint_final.pth"),
     output:
         temp(directory(WORK / "{batch}" / "logits_fold{fold}")),
@@ -14,14 +15,13 @@ rule predict_fold:
     threads: 2
     resources:
         gpu=1 if config["device"] != "cpu" else 0,
-        mem_mb=lambda wildcards, attempt: 8000 * attempt,
+        mem_mb=memory_mb(8000),
         runtime=batch_minutes(1.0),
     params:
-        model=lambda wildcards, input: Path(input.checkpoint).parents[1],
         device=config["device"],
     shell:
         "spinecohort predict-fold --manifest {input.manifest} --batch {wildcards.batch}"
-        " --input {input.resampled} --model {params.model} --fold {wildcards.fold}"
+        " --input {input.resampled} --model {input.model} --fold {wildcards.fold}"
         " --device {params.device} --threads {threads} --out {output} &> {log}"
 
 
@@ -41,13 +41,11 @@ rule average_folds:
         "../../envs/spinecohort.yaml"
     threads: 1
     resources:
-        mem_mb=lambda wildcards, attempt: 4000 * attempt,
+        mem_mb=memory_mb(4000),
         runtime=batch_minutes(0.2),
-    params:
-        model=lambda wildcards, input: Path(input.model).parent,
     shell:
         "spinecohort average-folds --manifest {input.manifest} --batch {wildcards.batch}"
-        " --folds {input.folds} --resampled {input.resampled} --model {params.model}"
+        " --folds {input.folds} --resampled {input.resampled} --model {input.model}"
         " --out {output} &> {log}"
 
 
@@ -66,7 +64,7 @@ rule restore:
         "../../envs/spinecohort.yaml"
     threads: 1
     resources:
-        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        mem_mb=memory_mb(2000),
         runtime=batch_minutes(0.1),
     params:
         derivatives=DERIVATIVES,
