@@ -67,15 +67,16 @@ def scored_batch(small_cohort: Path, tmp_path: Path):
     batch = table[table.batch == "b0001"].reset_index(drop=True)
     derivatives = tmp_path / "derivatives"
     for _, row in batch.iterrows():
-        target = derivative_path(derivatives, row, "spine")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(Path(row.reference_semantic).read_bytes())
+        for seg, column in (("spine", "reference_semantic"), ("vert", "reference_instance")):
+            target = derivative_path(derivatives, row, seg)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(Path(row[column]).read_bytes())
     shifted = tmp_path / "shifted_ref.nii.gz"
     ref = nib.load(batch.reference_semantic[0])
     nib.save(nib.Nifti1Image(np.asarray(ref.dataobj)[:, :-2], ref.affine), shifted)
     edited = pd.read_csv(small_cohort, sep="\t", dtype=str, keep_default_na=False)
     edited.loc[edited.image_id == batch.image_id[0], "reference_semantic"] = str(shifted)
-    edited.loc[edited.image_id == batch.image_id[1], "reference_semantic"] = ""
+    edited.loc[edited.image_id == batch.image_id[1], ["reference_semantic", "reference_instance"]] = ""
     manifest = small_cohort.parent / "edited.tsv"
     edited.to_csv(manifest, sep="\t", index=False)
     restore = tmp_path / "restore"
@@ -97,8 +98,12 @@ def test_score_stage_scores_references_and_fails_a_grid_mismatch_alone(scored_ba
     scores = pd.read_parquet(out / "scores.parquet")
     scored = set(batch.image_id[2:])
     assert set(scores.image_id) == scored and len(scored) >= 1
-    real = scores[scores.structure != "Nothing"]
+    real = scores[scores.structure.isin(["Vertebra", "IVD"])]
     assert (real[real.metric == "DSC"].value == 1.0).all() and (real[real.metric == "ASSD"].value == 0.0).all()
+    panoptic = scores[scores.structure.isin(["Vertebra instances", "IVD instances"])].set_index(["image_id", "structure", "metric"])
+    assert len(panoptic) == len(scored) * 2 * 7
+    assert (panoptic.value.xs("PQ", level="metric") == 1.0).all() and (panoptic.value.xs("instance ASSD", level="metric") == 0.0).all()
+    assert panoptic.flag.str.fullmatch(r"tp=\d+ fp=0 fn=0").all()
     nothing = scores[scores.structure == "Nothing"]
     assert (nothing.flag == "both_empty").all() and nothing.value.isna().all()
     assert set(scores.definition[scores.metric == "ASSD"]) == {"mean_of_means"}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -205,23 +206,30 @@ def _restore(args: argparse.Namespace) -> None:
         io.save_nifti(derivative_path(args.derivatives, row, "spine"), semantic, affine, dtype=np.uint8)
         io.save_nifti(derivative_path(args.derivatives, row, "vert"), instance, affine, dtype=np.uint16)
         counted = "top-down count" in notes.get(row.image_id, "")
-        snapshot_png(derivative_path(args.derivatives, row, "vert", "snp.png"), image, instance, affine,
-                     title=f"{row.image_id} ({row.region})", names=_level_names(instance, counted))
+        snapshot = derivative_path(args.derivatives, row, "vert", "snp.png")
+        snapshot_png(snapshot, image, instance, affine, title=f"{row.image_id} ({row.region})",
+                     names=_level_names(instance, counted))
+        with io.atomic_path(args.out / snapshot.name) as tmp:  # the report's copy, next to the ledger
+            shutil.copyfile(snapshot, tmp)
 
     run_stage("restore", batch_rows(args.manifest, args.batch), args.out, work, upstream=[args.input, args.instances])
 
 
 def _score(args: argparse.Namespace) -> None:
-    from .summary import image_score_rows, write_scores
+    from .summary import image_score_rows, instance_score_rows, write_scores
 
     rows = batch_rows(args.manifest, args.batch)
-    with_reference = rows[rows["reference_semantic"] != ""]
+    with_reference = rows[(rows["reference_semantic"] != "") | (rows["reference_instance"] != "")]
     log.info("%d of %d images have a reference mask", len(with_reference), len(rows))
     parts = []
 
     def work(row: pd.Series) -> None:
-        pred = derivative_path(args.derivatives, row, "spine")
-        parts.append(image_score_rows(row, pred, Path(row.reference_semantic), args.structures, args.assd))
+        if row.reference_semantic:
+            pred = derivative_path(args.derivatives, row, "spine")
+            parts.append(image_score_rows(row, pred, Path(row.reference_semantic), args.structures, args.assd))
+        if row.reference_instance:
+            pred = derivative_path(args.derivatives, row, "vert")
+            parts.append(instance_score_rows(row, pred, Path(row.reference_instance), args.assd))
 
     run_stage("score", with_reference, args.out, work, upstream=[args.input])
     write_scores(args.out / "scores.parquet", pd.concat(parts, ignore_index=True) if parts else pd.DataFrame())

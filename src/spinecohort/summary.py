@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from . import io, metrics
+from . import labels as L
 from .labels import REGIONS
 
 __all__ = [
@@ -53,26 +54,58 @@ def geometry_mismatch(pred_path: Path, pred_shape, pred_affine, ref_path: Path, 
     return f"reference {ref_path} ({grid(ref_shape, ref_affine)}) is not on the grid of {pred_path} ({grid(pred_shape, pred_affine)})"
 
 
-def image_score_rows(
-    row: pd.Series, pred_path: Path, ref_path: Path, structures: Mapping[str, Sequence[int]], definition: str
-) -> pd.DataFrame:
-    """Long-format DSC and ASSD rows of one image against its reference."""
+def _load_pair(pred_path: Path, ref_path: Path):
     pred, pred_affine = io.load_mask(pred_path)
     ref, ref_affine = io.load_mask(ref_path)
     if problem := geometry_mismatch(pred_path, pred.shape, pred_affine, ref_path, ref.shape, ref_affine):
         raise ValueError(problem)
     from .geometry import spacing_of
 
-    scores = metrics.score_structures(pred, ref, spacing_of(ref_affine), structures, definition)
-    records = []
-    for s in scores:
-        for metric, value, how in (("DSC", s.dsc, ""), ("ASSD", s.assd, definition)):
-            records.append({"structure": s.structure, "metric": metric, "value": value, "definition": how, "flag": s.flag,
-                            "pred_voxels": s.pred_voxels, "ref_voxels": s.ref_voxels})
+    return pred, ref, spacing_of(ref_affine)
+
+
+def _with_keys(row: pd.Series, records: list[dict]) -> pd.DataFrame:
     out = pd.DataFrame(records)
     for col in ("subject", "session", "region", "image_id", "batch"):
         out.insert(0, col, row[col])
     return out[SCORE_SCHEMA.names]
+
+
+def image_score_rows(
+    row: pd.Series, pred_path: Path, ref_path: Path, structures: Mapping[str, Sequence[int]], definition: str
+) -> pd.DataFrame:
+    """Long-format DSC and ASSD rows of one image's semantic mask against its reference."""
+    pred, ref, spacing = _load_pair(pred_path, ref_path)
+    records = []
+    for s in metrics.score_structures(pred, ref, spacing, structures, definition):
+        for metric, value, how in (("DSC", s.dsc, ""), ("ASSD", s.assd, definition)):
+            records.append({"structure": s.structure, "metric": metric, "value": value, "definition": how, "flag": s.flag,
+                            "pred_voxels": s.pred_voxels, "ref_voxels": s.ref_voxels})
+    return _with_keys(row, records)
+
+
+# Instance groups scored by matching (ids of the SPINEPS `seg-vert` scheme).
+INSTANCE_GROUPS = {"Vertebra instances": (1, L.IVD_OFFSET), "IVD instances": (L.IVD_OFFSET, L.ENDPLATE_OFFSET)}
+
+
+def instance_score_rows(row: pd.Series, pred_path: Path, ref_path: Path, definition: str) -> pd.DataFrame:
+    """Panoptic rows (PQ, SQ, RQ, recall, precision; mean DSC and ASSD of matched instances) per instance group."""
+    pred, ref, spacing = _load_pair(pred_path, ref_path)
+    records = []
+    for group, (lo, hi) in INSTANCE_GROUPS.items():
+        p = np.where((pred >= lo) & (pred < hi), pred, 0)
+        r = np.where((ref >= lo) & (ref < hi), ref, 0)
+        s = metrics.score_instances(p, r, spacing, definition=definition)
+        dsc = float(np.mean([m[3] for m in s.matched])) if s.matched else float("nan")
+        distance = float(np.mean([m[4] for m in s.matched])) if s.matched else float("nan")
+        values = {"PQ": s.pq, "SQ": s.sq, "RQ": s.rq, "recall": s.recall, "precision": s.precision,
+                  "instance DSC": dsc, "instance ASSD": distance}
+        for metric, value in values.items():
+            records.append({"structure": group, "metric": metric, "value": value,
+                            "definition": definition if metric == "instance ASSD" else "",
+                            "flag": f"tp={s.tp} fp={s.fp} fn={s.fn}", "pred_voxels": int((p > 0).sum()),
+                            "ref_voxels": int((r > 0).sum())})
+    return _with_keys(row, records)
 
 
 def write_scores(path: Path, table: pd.DataFrame) -> None:

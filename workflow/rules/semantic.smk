@@ -55,7 +55,13 @@ rule restore:
         semantic=WORK / "{batch}" / "semantic",
         instances=WORK / "{batch}" / "instances",
     output:
-        directory(WORK / "{batch}" / "restore"),
+        report(
+            directory(WORK / "{batch}" / "restore"),
+            patterns=["{image_id}_mod-T2w_seg-vert_snp.png"],
+            caption="../report/snapshots.rst",
+            category="QC snapshots",
+            subcategory="{batch}",
+        ),
     log:
         LOGS / "restore" / "{batch}.log",
     benchmark:
