@@ -187,3 +187,26 @@ def nib_codes(affine):
     import nibabel as nib
 
     return nib.aff2axcodes(affine)
+
+
+def test_a_merged_body_still_gives_both_vertebrae():
+    ph = render_station(make_subject(0, 1), "lumbar", PRESETS["small"], seed=0, index=1)
+    l3 = L.VERTEBRA_IDS["L3"]
+    disc = np.isin(ph.instance, [L.IVD_OFFSET + l3, L.ENDPLATE_OFFSET + l3])
+    ph.semantic[disc] = L.CORPUS  # the semantic model fused L3 and L4 through their disc
+    seg, ref, grid = to_instance_space(ph)
+    out, note = instances.assemble(seg, MODEL, oracle(ref), "lumbar")
+    restored = geometry.resample(out, grid[1], (ph.instance.shape, ph.affine), kind="nearest")
+    for name in ("L2", "L3", "L4", "L5"):
+        k = L.VERTEBRA_IDS[name]
+        assert dice((restored == k) & ~disc, ph.instance == k) >= 0.99, name
+
+
+def test_an_articular_process_split_between_instances_goes_to_its_majority():
+    seg = np.zeros((10, 10, 10), np.uint8)
+    seg[2:5, 2:8, 2:5] = L.SUP_ARTICULAR_L
+    instance = np.zeros_like(seg, dtype=np.uint16)
+    instance[2:5, 2:7, 2:5] = 3
+    instance[2:5, 7:8, 2:5] = 4  # a sliver claimed by the next vertebra
+    instances._one_owner_per_articular_process(instance, seg)
+    assert (instance[seg > 0] == 3).all()

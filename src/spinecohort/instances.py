@@ -255,6 +255,7 @@ def finish_instances(instance: NDArray[np.integer], seg: NDArray[np.integer], *,
         region = out[box]
         region[mine & ~keep] = 0
         region[filled] = k
+    _one_owner_per_articular_process(out, seg)
     # Unassigned vertebra voxels: grow the instances two voxels into them, then each remaining
     # piece joins the instance most common on its rim (pieces no instance touches stay 0).
     for _ in range(2):
@@ -270,6 +271,19 @@ def finish_instances(instance: NDArray[np.integer], seg: NDArray[np.integer], *,
         if len(rim):
             out[box][piece] = np.bincount(rim).argmax()
     return out
+
+
+def _one_owner_per_articular_process(instance: NDArray[np.uint16], seg: NDArray[np.integer]) -> None:
+    """An articular process (a component of 45-48) split between instances goes whole to its clear majority (> 2x)."""
+    for label in (L.SUP_ARTICULAR_L, L.SUP_ARTICULAR_R, L.INF_ARTICULAR_L, L.INF_ARTICULAR_R):
+        pieces, _ = ndimage.label(seg == label, structure=_CUBE)
+        for k, box in enumerate(ndimage.find_objects(pieces), start=1):
+            piece = pieces[box] == k
+            owners = np.bincount(instance[box][piece])
+            owners[0] = 0
+            ranked = np.sort(owners)[::-1]
+            if ranked[0] and ranked[0] > 2 * (ranked[1] if len(ranked) > 1 else 0):
+                instance[box][piece] = int(np.argmax(owners))
 
 
 def _centroid_i(mask: NDArray[np.bool_]) -> float:
