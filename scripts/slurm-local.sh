@@ -16,6 +16,8 @@ NODE=$(hostname -s)
 CPUS=$(nproc)
 MEM_MB=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 95 / 100 ))
 
+CHANGED=0
+
 log() { echo "slurm-local: $*" >&2; }
 
 install_packages() {
@@ -25,6 +27,7 @@ install_packages() {
     done
     if ((${#missing[@]})); then
         log "installing ${missing[*]}"
+        apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     fi
 }
@@ -36,6 +39,8 @@ write_config() {
     for i in 0 1; do
         [[ -e $STATE/fakegpu/gpu$i ]] || mknod "$STATE/fakegpu/gpu$i" c 195 "$i"
     done
+    local before
+    before=$(cat "$CONF/slurm.conf" "$CONF/gres.conf" 2>/dev/null | md5sum)
     cat > "$CONF/slurm.conf" <<EOF
 # Written by scripts/slurm-local.sh: a one-node test cluster.
 ClusterName=local
@@ -60,11 +65,14 @@ AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageTRES=gres/gpu
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=5
+# sacct shows the plugin's --comment (rule_<name>_wildcards_<...>): tests map jobs to rules by it.
+AccountingStoreFlags=job_comment
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB Gres=gpu:fake:2 State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+PartitionName=cpu Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=$NODE MaxTime=INFINITE State=UP
 EOF
     echo "NodeName=$NODE Name=gpu Type=fake File=$STATE/fakegpu/gpu[0-1]" > "$CONF/gres.conf"
+    [[ $before == "$(cat "$CONF/slurm.conf" "$CONF/gres.conf" | md5sum)" ]] || CHANGED=1
     cat > "$CONF/slurmdbd.conf" <<EOF
 DbdHost=localhost
 SlurmUser=slurm
@@ -114,6 +122,7 @@ up() {
     sacctmgr -i -Q add user "$(id -un)" account=localacct cluster=local >/dev/null 2>&1 || true
     start slurmctld /run/slurm/slurmctld.pid slurmctld
     start slurmd /run/slurm/slurmd.pid slurmd
+    if ((CHANGED)); then scontrol reconfigure; fi
     # State survives restarts: a node drained by an earlier configuration stays drained.
     for _ in $(seq 50); do [[ -n $(sinfo -h -o %T 2>/dev/null) ]] && break; sleep 0.2; done
     scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 || true

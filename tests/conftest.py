@@ -14,3 +14,15 @@ def small_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two subjects x three stations, `small` preset, seed 0; returns the manifest path."""
     out = tmp_path_factory.mktemp("cohort")
     return write_cohort(out, subjects=2, preset="small", seed=0, batch_size=4)
+
+
+@pytest.fixture(scope="session")
+def demo_local_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default demo run locally once (`snakemake --cores 2`); returns its results folder."""
+    import subprocess
+
+    results = tmp_path_factory.mktemp("demo_results")
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(["snakemake", "--cores", "2", "--config", f"results={results}"], cwd=root, check=True,
+                   capture_output=True, timeout=1500)
+    return results

@@ -1,0 +1,111 @@
+"""The demo cohort on a real one-node SLURM cluster (scripts/slurm-local.sh), through profiles/slurm.
+
+Needs root and Debian's slurm packages (the script installs them); `.ci/run` runs it.
+"""
+
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from spinecohort import io
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slurm
+# The test overrides: fast status checks; the profile's 4 CPUs per GPU job do not fit a 2-CPU node.
+TEST_OVERRIDES = ["--slurm-init-seconds-before-status-checks", "2", "--set-threads", "predict_fold=2", "assemble_instances=2"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if shutil.which("apt-get") is None:
+        pytest.fail("the SLURM test needs a Debian machine (apt-get) to install its cluster")
+    subprocess.run(["bash", ROOT / "scripts" / "slurm-local.sh", "up"], check=True, timeout=600)
+    yield
+    subprocess.run(["bash", ROOT / "scripts" / "slurm-local.sh", "down"], check=False, timeout=120)
+
+
+def snakemake_slurm(results: Path, *extra: str, timeout: int = 1500) -> subprocess.CompletedProcess:
+    cmd = ["snakemake", "--profile", "profiles/slurm", "--config", f"results={results}", *TEST_OVERRIDES, *extra]
+    # A hung snakemake ignores SIGTERM at times (research notes): kill the group hard on timeout.
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        import os
+
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out)
+
+
+def accounting(since: str) -> pd.DataFrame:
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-S", since, "--format=JobID,Comment%200,Partition,AllocTRES%200,State,ReqMem,AllocCPUS"],
+                         check=True, capture_output=True, text=True).stdout
+    rows = [line.split("|") for line in out.splitlines() if line]
+    table = pd.DataFrame(rows, columns=["job", "comment", "partition", "tres", "state", "mem", "cpus"])
+    table["rule"] = table.comment.str.extract(r"^rule_(.+?)_wildcards")[0].fillna(table.comment.str.removeprefix("rule_"))
+    return table
+
+
+def masks(results: Path) -> dict[str, np.ndarray]:
+    return {p.name: io.load_mask(p)[0] for p in sorted((results / "derivatives").rglob("*_msk.nii.gz"))}
+
+
+def test_demo_runs_on_slurm_like_locally_and_survives_a_cancelled_job(cluster, demo_local_run, tmp_path):
+    since = time.strftime("%Y-%m-%dT%H:%M:%S")
+    run = snakemake_slurm(tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:]
+    jobs = accounting(since)
+    assert set(jobs.state) == {"COMPLETED"}, jobs
+    gpu_jobs = jobs[jobs.rule.isin(["predict_fold", "assemble_instances"])]
+    assert len(gpu_jobs[gpu_jobs.rule == "predict_fold"]) == 3 * 3  # batches x folds
+    assert (gpu_jobs.partition == "gpu").all() and gpu_jobs.tres.str.contains("gres/gpu=1").all()
+    assert not jobs[~jobs.index.isin(gpu_jobs.index)].tres.str.contains("gres/gpu").any()
+    n4 = jobs[jobs.rule == "bias_correct"]
+    assert (n4.cpus == "2").all() and (n4.mem == "3000M").all() and (n4.partition == "cpu").all()
+    scores = jobs[jobs.rule == "score"]
+    assert (scores.cpus == "1").all() and (scores.mem == "2000M").all()
+
+    local = masks(demo_local_run)
+    cluster_masks = masks(tmp_path)
+    assert local.keys() == cluster_masks.keys() and len(local) == 2 * 12
+    for name, array in local.items():
+        assert np.array_equal(array, cluster_masks[name]), name
+    pd.testing.assert_frame_equal(pd.read_parquet(demo_local_run / "summary" / "by_region.parquet"),
+                                  pd.read_parquet(tmp_path / "summary" / "by_region.parquet"))
+
+    # Kill one running job: Snakemake's retry resubmits it (attempt 2) and the cohort completes.
+    shutil.rmtree(tmp_path / "work" / "b0001" / "semantic")
+    since = time.strftime("%Y-%m-%dT%H:%M:%S")
+    cmd = ["snakemake", "--profile", "profiles/slurm", "--config", f"results={tmp_path}", *TEST_OVERRIDES]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    cancelled = None
+    deadline = time.time() + 600
+    while cancelled is None and time.time() < deadline and proc.poll() is None:
+        running = subprocess.run(["squeue", "-h", "-t", "R", "-o", "%i|%k"], capture_output=True, text=True).stdout.split()
+        fold = [line.split("|")[0] for line in running if "predict_fold" in line]
+        if fold:
+            subprocess.run(["scancel", fold[0]], check=True)
+            cancelled = fold[0]
+        time.sleep(1)
+    out, _ = proc.communicate(timeout=1500)
+    assert cancelled, "no predict_fold job was seen running"
+    assert proc.returncode == 0, out[-3000:]
+    jobs = accounting(since)
+    assert "CANCELLED" in set(jobs.state[jobs.job == cancelled].str.split().str[0])
+    assert (jobs.state == "COMPLETED").sum() == len(jobs) - 1
+    for name, array in local.items():
+        assert np.array_equal(array, io.load_mask(next((tmp_path / "derivatives").rglob(name)))[0]), name
+
+
+def test_an_unknown_partition_fails_at_submission_with_slurms_message(cluster, tmp_path):
+    run = snakemake_slurm(tmp_path, "--default-resources", "slurm_partition=nosuchpartition", "mem_mb=1000", "runtime=10",
+                          "--until", "demo_cohort", timeout=300)
+    assert run.returncode != 0
+    assert "invalid partition" in run.stdout.lower(), run.stdout[-2000:]
