@@ -111,7 +111,7 @@ up() {
     chown mysql:mysql /run/mysqld
     start munged /run/munge/munged.pid runuser -u munge -- munged
     start mariadbd /run/mysqld/mysqld.pid setsid -f mariadbd --user=mysql --pid-file=/run/mysqld/mysqld.pid \
-        --socket=/run/mysqld/mysqld.sock --skip-networking=0 --bind-address=127.0.0.1
+        --socket=/run/mysqld/mysqld.sock --skip-networking=0 --bind-address=127.0.0.1 --log-error=$STATE/mariadb.log
     for _ in $(seq 50); do mariadb -e "select 1" >/dev/null 2>&1 && break; sleep 0.2; done
     mariadb -e "CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'slurm';
                 GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost'; FLUSH PRIVILEGES;"

@@ -81,7 +81,10 @@ def test_demo_runs_on_slurm_like_locally_and_survives_a_cancelled_job(cluster, d
                                   pd.read_parquet(tmp_path / "summary" / "by_region.parquet"))
 
     # Kill one running job: Snakemake's retry resubmits it (attempt 2) and the cohort completes.
-    shutil.rmtree(tmp_path / "work" / "b0001" / "semantic")
+    # Redo batch b0001 from its fold predictions (their temporary outputs are gone).
+    for stage in ("semantic", "instances", "restore", "scores"):
+        shutil.rmtree(tmp_path / "work" / "b0001" / stage)
+    shutil.rmtree(tmp_path / "summary")
     since = time.strftime("%Y-%m-%dT%H:%M:%S")
     cmd = ["snakemake", "--profile", "profiles/slurm", "--config", f"results={tmp_path}", *TEST_OVERRIDES]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
