@@ -35,7 +35,6 @@ __all__ = [
     "InstanceScores",
     "StructureScore",
     "assd",
-    "dice",
     "match_instances",
     "score_instances",
     "score_structures",
@@ -48,12 +47,6 @@ EMPTY_POLICY = {
     "pred_empty": "structure missed: DSC 0 (counts in summaries), ASSD NaN (left out, counted)",
     "ref_empty": "structure only in the prediction: DSC 0 (counts in summaries), ASSD NaN (left out, counted)",
 }
-
-
-def dice(pred: NDArray[np.bool_], ref: NDArray[np.bool_]) -> float:
-    """2|P∩R| / (|P| + |R|); NaN when both are empty."""
-    total = int(pred.sum()) + int(ref.sum())
-    return 2.0 * int(np.logical_and(pred, ref).sum()) / total if total else float("nan")
 
 
 class _Surfaces:
@@ -124,6 +117,24 @@ class StructureScore:
     ref_voxels: int
 
 
+def _joint_counts(pred: NDArray[np.integer], ref: NDArray[np.integer]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Voxel count of every (pred label, ref label) pair over both foregrounds: pairs (2, K), counts (K,).
+
+    One 1-D `np.unique` on a combined key; `np.unique(axis=1)` on the pairs is ~20x slower.
+    """
+    fg = (pred > 0) | (ref > 0)
+    p, r = pred[fg].astype(np.int64), ref[fg].astype(np.int64)
+    base = int(r.max(initial=0)) + 1
+    keys, counts = np.unique(p * base + r, return_counts=True)
+    return np.stack([keys // base, keys % base]), counts
+
+
+def _sizes(labels: NDArray[np.int64], counts: NDArray[np.int64]) -> dict[int, int]:
+    """Voxels per non-zero label, summed from joint counts."""
+    ids, inverse = np.unique(labels, return_inverse=True)
+    return {int(i): int(n) for i, n in zip(ids, np.bincount(inverse, weights=counts)) if i}
+
+
 def score_structures(
     pred: NDArray[np.integer],
     ref: NDArray[np.integer],
@@ -140,11 +151,7 @@ def score_structures(
         raise ValueError(f"prediction {pred.shape} and reference {ref.shape} are on different grids")
     if definition not in ASSD_DEFINITIONS:
         raise ValueError(f"unknown ASSD definition {definition!r}; use one of {ASSD_DEFINITIONS}")
-    fg = (pred > 0) | (ref > 0)
-    p_fg, r_fg = pred[fg].astype(np.int64), ref[fg].astype(np.int64)
-    base = int(r_fg.max(initial=0)) + 1
-    keys, counts = np.unique(p_fg * base + r_fg, return_counts=True)  # joint histogram of (pred, ref) labels
-    pairs = np.stack([keys // base, keys % base])
+    pairs, counts = _joint_counts(pred, ref)
     surfaces = {"pred": _Surfaces(pred), "ref": _Surfaces(ref)}
     out = []
     for name, ids in structures.items():
@@ -167,12 +174,13 @@ def match_instances(pred: NDArray[np.integer], ref: NDArray[np.integer], thresho
     With threshold >= 0.5 each instance can have at most one partner, so the
     matching is unique without any assignment step.
     """
+    return _match(*_joint_counts(pred, ref), threshold)
+
+
+def _match(pairs: NDArray[np.int64], counts: NDArray[np.int64], threshold: float) -> list[tuple[int, int, float]]:
     if threshold < 0.5:
         raise ValueError("thresholds below 0.5 need an assignment step (a pair may not be unique)")
-    both = (pred > 0) | (ref > 0)
-    pairs, counts = np.unique(np.stack([pred[both], ref[both]]), axis=1, return_counts=True)
-    pred_size = dict(zip(*np.unique(pred[pred > 0], return_counts=True)))
-    ref_size = dict(zip(*np.unique(ref[ref > 0], return_counts=True)))
+    pred_size, ref_size = _sizes(pairs[0], counts), _sizes(pairs[1], counts)
     matches = []
     for (p, r), inter in zip(pairs.T, counts):
         if p and r:
@@ -201,15 +209,22 @@ def score_instances(
     pred: NDArray[np.integer], ref: NDArray[np.integer], spacing: Sequence[float], *, threshold: float = 0.5,
     definition: str = "mean_of_means",
 ) -> InstanceScores:
-    """Match instances by IoU, then detection counts, RQ/SQ/PQ and DSC/ASSD per matched pair."""
-    matches = match_instances(pred, ref, threshold)
-    n_pred, n_ref = len(np.unique(pred[pred > 0])), len(np.unique(ref[ref > 0]))
+    """Match instances by IoU, then detection counts, RQ/SQ/PQ and DSC/ASSD per matched pair.
+
+    Surfaces come from one pass per image; a pair's DSC follows from its IoU (DSC = 2 IoU / (1 + IoU)).
+    """
+    if definition not in ASSD_DEFINITIONS:
+        raise ValueError(f"unknown ASSD definition {definition!r}; use one of {ASSD_DEFINITIONS}")
+    pairs, counts = _joint_counts(pred, ref)
+    matches = _match(pairs, counts, threshold)
+    n_pred, n_ref = len(np.setdiff1d(pairs[0], 0)), len(np.setdiff1d(pairs[1], 0))
     tp = len(matches)
     fp, fn = n_pred - tp, n_ref - tp
+    surfaces = {"pred": _Surfaces(pred), "ref": _Surfaces(ref)}
     matched = []
     for p, r, iou in matches:
-        pm, rm = pred == p, ref == r
-        matched.append((p, r, iou, dice(pm, rm), assd(pm, rm, spacing, definition)))
+        a, b = surfaces["pred"].of([p], spacing), surfaces["ref"].of([r], spacing)
+        matched.append((p, r, iou, 2 * iou / (1 + iou), _combine(_directed(a, b), _directed(b, a), definition)))
     rq = tp / (tp + 0.5 * fp + 0.5 * fn) if (tp + fp + fn) else float("nan")
     sq = float(np.mean([m[2] for m in matches])) if matches else 0.0
     return InstanceScores(tp, fp, fn, rq, sq, sq * rq, tp / n_ref if n_ref else float("nan"),
