@@ -305,27 +305,26 @@ def vertebra_levels(n: int, region: str, *, top_is_c2: bool, has_sacrum: bool) -
 
 def number_instances(instance: NDArray[np.integer], seg: NDArray[np.integer], region: str) -> tuple[NDArray[np.uint16], str]:
     """Final ids: vertebrae by level (or a count), sacrum 26, IVD 100+X and endplate 200+X after the vertebra above."""
-    ids = [k for k in np.unique(instance) if k]
-    order = sorted(ids, key=lambda k: _centroid_i(instance == k))
-    top_is_c2 = False
-    if order:
-        top = _centroid_i(instance == order[0])
-        ivd = _components(seg == L.IVD, 1)
-        top_is_c2 = not any(c[:, 1].mean() < top for c in ivd)  # C1/C2 have no disc: nothing above C2
-    levels, note = vertebra_levels(len(order), region, top_is_c2=top_is_c2, has_sacrum=bool((seg == L.SACRUM).any()))
+    ids = [int(k) for k in np.unique(instance) if k]
+    centre_i = {k: c[1] for k, c in zip(ids, ndimage.center_of_mass(instance > 0, instance, ids))}
+    order = sorted(ids, key=centre_i.__getitem__)
+    discs = _components(seg == L.IVD, 1)
+    # C1/C2 have no disc: nothing above C2.
+    top_is_c2 = bool(order) and not any(c[:, 1].mean() < centre_i[order[0]] for c in discs)
+    sacrum = seg == L.SACRUM
+    levels, note = vertebra_levels(len(order), region, top_is_c2=top_is_c2, has_sacrum=bool(sacrum.any()))
     out = np.zeros(instance.shape, np.uint16)
-    body_i = {}
+    corpus = seg == L.CORPUS
+    vertebrae = []  # (I position of the body, level)
     for k, level in zip(order, levels):
         mine = instance == k
         out[mine] = level
-        corpus = mine & (seg == L.CORPUS)
-        body_i[level] = _centroid_i(corpus if corpus.any() else mine)
-    out[seg == L.SACRUM] = L.SACRUM
-    if (seg == L.SACRUM).any():
-        body_i[L.SACRUM] = _centroid_i(seg == L.SACRUM)
-    vertebrae = sorted(((i, level) for level, i in body_i.items() if level != L.SACRUM))
-    for label, offset in ((L.IVD, L.IVD_OFFSET), (L.ENDPLATE, L.ENDPLATE_OFFSET)):
-        for comp in _components(seg == label, 1):
+        body = mine & corpus
+        vertebrae.append((_centroid_i(body if body.any() else mine), level))
+    vertebrae.sort()
+    out[sacrum] = L.SACRUM
+    for components, offset in ((discs, L.IVD_OFFSET), (_components(seg == L.ENDPLATE, 1), L.ENDPLATE_OFFSET)):
+        for comp in components:
             above = [level for i, level in vertebrae if i < comp[:, 1].mean()]
             x = above[-1] if above else (min(level for _, level in vertebrae) - 1 if vertebrae else 0)
             out[tuple(comp.T)] = offset + x

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from . import cohort, io
-from .labels import REGIONS
+from .labels import ENDPLATE_OFFSET, IVD_OFFSET, REGIONS
 from .labels import VERTEBRA_NAMES as L_NAMES
 from .metrics import ASSD_DEFINITIONS
 
@@ -181,12 +181,12 @@ def _level_names(instance: np.ndarray, counted: bool) -> dict[int, str]:
     names = {}
     for v in np.unique(instance):
         v = int(v)
-        if 0 < v < 100:
+        if 0 < v < IVD_OFFSET:
             names[v] = name(v)
-        elif v >= 200:
-            names[v] = f"endplates {name(v - 200)}"
-        elif v >= 100:
-            names[v] = f"IVD below {name(v - 100)}"
+        elif v >= ENDPLATE_OFFSET:
+            names[v] = f"endplates {name(v - ENDPLATE_OFFSET)}"
+        elif v >= IVD_OFFSET:
+            names[v] = f"IVD below {name(v - IVD_OFFSET)}"
     return names
 
 

@@ -8,6 +8,7 @@ voxel counts of both masks. Stored as parquet, partitioned by region (hive).
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -21,14 +22,20 @@ from . import labels as L
 from .labels import REGIONS
 
 __all__ = [
+    "INSTANCE_GROUPS",
     "SCORE_SCHEMA",
     "TABLE_S1_ROWS",
+    "box_plots",
     "by_region",
+    "failures",
     "geometry_mismatch",
     "image_score_rows",
+    "instance_score_rows",
     "read_scores",
     "table_s1",
+    "write_partitioned",
     "write_scores",
+    "write_table_s1",
 ]
 
 # The structures and their order in Table S1 of the SPINEPS supplement.
@@ -129,8 +136,6 @@ def write_partitioned(table: pa.Table, folder: Path) -> None:
     ds.write_dataset(table, tmp, format="parquet", partitioning=["region"], partitioning_flavor="hive",
                      existing_data_behavior="delete_matching")
     if folder.exists():
-        import shutil
-
         shutil.rmtree(folder)
     tmp.rename(folder)
 
