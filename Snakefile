@@ -19,6 +19,7 @@ include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/semantic.smk"
 include: "workflow/rules/instance.smk"
 include: "workflow/rules/metrics.smk"
+include: "workflow/rules/train.smk"
 
 
 rule all:

@@ -63,9 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=150, help="images per batch (default 150: ~5,400 jobs for 90,000 images)")
     p.add_argument("-o", "--output", type=Path, required=True, help="manifest TSV to write")
 
-    from . import pipeline
+    from . import pipeline, training
 
     pipeline.add_stage_parsers(sub)
+    training.add_training_parsers(sub)
     return parser
 
 

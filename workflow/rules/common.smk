@@ -25,14 +25,16 @@ MANIFEST = (
 MANIFEST_SCHEMA = str(
     Path(workflow.basedir) / "workflow" / "schemas" / "manifest.schema.yaml"
 )
-DEMO_MODEL = RESULTS / "demo" / "models" / "semantic_random"
+# Demo models: trained by the training rules on phantoms, shipped (resources/demo_models/MODEL.md).
+DEMO_MODELS = Path(workflow.basedir) / "resources" / "demo_models"
+DEMO_MODEL = DEMO_MODELS / "semantic"
 MODEL = (
     DEMO_MODEL
     if config["semantic_model"]["path"] == "demo"
     else config["semantic_model"]["path"]
 )
 FOLDS = config["semantic_model"]["folds"]
-DEMO_INSTANCE_MODEL = RESULTS / "demo" / "models" / "instance_random"
+DEMO_INSTANCE_MODEL = DEMO_MODELS / "instance"
 INSTANCE_MODEL = (
     DEMO_INSTANCE_MODEL
     if config["instance_model"]["path"] == "demo"

@@ -1,4 +1,5 @@
-# The embedded demo: a phantom cohort and a demo model, both made by the workflow.
+# The embedded demo: a phantom cohort made by the workflow; the demo models ship in
+# resources/demo_models (trained by train.smk, see MODEL.md there).
 
 
 checkpoint demo_cohort:
@@ -17,34 +18,3 @@ checkpoint demo_cohort:
     shell:
         "spinecohort phantom {params.folder} --subjects {params.subjects} --seed {params.seed}"
         " --preset {params.preset} --batch-size {params.batch_size} --snapshot &> {log}"
-
-
-rule demo_semantic_model:
-    output:
-        config=DEMO_MODEL / "inference_config.json",
-        checkpoints=expand(
-            DEMO_MODEL / "fold_{fold}" / "checkpoint_final.pth", fold=FOLDS
-        ),
-    log:
-        LOGS / "demo_semantic_model.log",
-    conda:
-        "../../envs/spinecohort.yaml"
-    params:
-        folder=lambda wildcards, output: Path(output.config).parent,
-        folds=len(FOLDS),
-    shell:
-        "spinecohort random-model {params.folder} --folds {params.folds} &> {log}"
-
-
-rule demo_instance_model:
-    output:
-        config=DEMO_INSTANCE_MODEL / "inference_config.json",
-        weights=DEMO_INSTANCE_MODEL / "instance_weights.ckpt",
-    log:
-        LOGS / "demo_instance_model.log",
-    conda:
-        "../../envs/spinecohort.yaml"
-    params:
-        folder=lambda wildcards, output: Path(output.config).parent,
-    shell:
-        "spinecohort random-instance-model {params.folder} &> {log}"
