@@ -160,6 +160,22 @@ def _bad_inputs(folder: Path, good: Path) -> dict[str, tuple[Path, str]]:
     huge = aff.copy()
     huge[:3, :3] *= 1e5
     cases["spacing"] = (save("spacing", data, huge), "absurd voxel size")
+    flat_axis = aff.copy()
+    flat_axis[:3, 0] = 0
+    degenerate = nib.Nifti1Image(data, None)
+    degenerate.set_sform(flat_axis, code=1)  # a qform cannot hold a singular affine
+    nib.save(degenerate, folder / "zero_spacing.nii.gz")
+    cases["zero_spacing"] = (folder / "zero_spacing.nii.gz", "absurd voxel size")
+    sheared = aff.copy()
+    sheared[:3, 1] += 0.3 * aff[:3, 0]
+    cases["sheared"] = (save("sheared", data, sheared), "sheared")
+    inf = data.copy()
+    inf[1, 2, 3] = np.inf
+    cases["inf"] = (save("inf", inf), "NaN or Inf")
+    scaled = nib.Nifti1Image(np.full(data.shape, 30000, np.int16), aff)
+    scaled.header.set_slope_inter(1e36, 0)  # int16 x slope overflows float32
+    nib.save(scaled, folder / "overflow.nii.gz")
+    cases["overflow"] = (folder / "overflow.nii.gz", "NaN or Inf")
     return cases
 
 

@@ -38,6 +38,8 @@ __all__ = [
 # Widest voxel size (mm) a plausible MR image has; beyond it a header is broken.
 MAX_SPACING_MM = 50.0
 MIN_SPACING_MM = 1e-3
+# Largest |cos| between two voxel axes still taken as orthogonal (float32 headers round).
+SHEAR_TOLERANCE = 1e-3
 
 
 class ImageError(ValueError):
@@ -147,6 +149,10 @@ def _check_affine(path: Path, affine: NDArray[np.float64]) -> None:
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     if (spacing < MIN_SPACING_MM).any() or (spacing > MAX_SPACING_MM).any():
         raise _fail(path, f"absurd voxel size {tuple(round(float(s), 6) for s in spacing)} mm")
+    # Oblique is fine (resampling handles it); sheared voxel axes are not an MR acquisition.
+    direction = affine[:3, :3] / spacing
+    if np.abs(direction.T @ direction - np.eye(3)).max() > SHEAR_TOLERANCE:
+        raise _fail(path, "affine is sheared (voxel axes not orthogonal)")
 
 
 def save_nifti(
