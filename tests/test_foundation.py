@@ -29,7 +29,11 @@ def test_batches_survive_adding_subjects(tmp_path: Path):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda t: t.assign(subject=["../x"] + list(t.subject[1:])), "unsafe subject id"),
+        (lambda t: t.assign(subject=["../x"] + list(t.subject[1:])), "row 1: unsafe subject id '../x'"),
+        (lambda t: t.assign(subject=list(t.subject[:1]) + ["a b"] + list(t.subject[2:])), "row 2: unsafe subject id 'a b'"),
+        (lambda t: t.assign(session=["x/y"] + list(t.session[1:])), "unsafe session id 'x/y'"),
+        (lambda t: t.assign(image_id=["sub-1/../../etc"] + list(t.image_id[1:])), "unsafe image_id"),
+        (lambda t: t.assign(image_id=["sub-1..x"] + list(t.image_id[1:])), "unsafe image_id"),
         (lambda t: t.assign(region=["neck"] + list(t.region[1:])), "region 'neck' is not one of"),
         (lambda t: pd.concat([t, t.iloc[:1]]), "duplicate image_id"),
     ],
