@@ -111,7 +111,7 @@ def test_score_stage_scores_references_and_fails_a_grid_mismatch_alone(scored_ba
 
 @pytest.mark.slow
 def test_demo_run_writes_partitioned_scores_table_s1_and_plots(demo_local_run: Path):
-    """The default demo through every rule (random-weight model: the values are meaningless, the outputs are not)."""
+    """The default demo through every rule, with the shipped demo models."""
     tmp_path = demo_local_run
     summ = tmp_path / "summary"
     for name in ("by_region.parquet", "table_s1.md", "table_s1.csv", "table_s1.tex", "boxplot_dsc.png", "boxplot_assd.png",
