@@ -106,6 +106,11 @@ def batch_minutes(per_image):
     )
 
 
+def words(values):
+    """A config list as space-separated command-line words."""
+    return " ".join(str(v) for v in values)
+
+
 def memory_mb(base):
     """Memory (MB) of a job, scaled by the attempt so retries get more."""
     return lambda wildcards, attempt: base * attempt

@@ -21,10 +21,6 @@ TRAINED_SEMANTIC = TRAIN_ROOT / "models" / "semantic"
 TRAINED_INSTANCE = TRAIN_ROOT / "models" / "instance"
 
 
-def words(values):
-    return " ".join(str(v) for v in values)
-
-
 rule train_models:
     input:
         TRAINED_SEMANTIC / "inference_config.json",
