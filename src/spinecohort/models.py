@@ -2,8 +2,8 @@
 
 `write_random_semantic_model` makes a real nnU-Net v2 trained-model folder with
 randomly initialised weights: every file format is the real one, only the
-segmentations are meaningless. The workflow uses it as the demo model until
-trained demo models ship, and tests use it for the mechanics.
+segmentations are meaningless. Tests use it for the mechanics; the demo uses
+trained models (resources/demo_models).
 """
 
 from __future__ import annotations

@@ -304,7 +304,7 @@ def add_stage_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="summary folder")
     p.set_defaults(handler=_summarize)
 
-    p = sub.add_parser("random-model", help="write an nnU-Net v2 model folder with random weights (demo/tests)")
+    p = sub.add_parser("random-model", help="write an nnU-Net v2 model folder with random weights (tests)")
     p.add_argument("out", type=Path)
     p.add_argument("--folds", type=int, default=3)
     p.add_argument("--spacing", type=float, nargs=3, default=(2.0, 2.0, 4.4))
