@@ -8,6 +8,7 @@ fastest exact-grid option measured (0.1 s per NAKO image).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import nibabel as nib
@@ -15,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 from numpy.typing import NDArray
 
-__all__ = ["Grid", "to_sitk", "from_sitk", "target_grid", "resample", "reorient", "spacing_of"]
+__all__ = ["Grid", "to_sitk", "from_sitk", "target_grid", "resample", "reorient", "spacing_of", "geometry_mismatch"]
 
 _LPS = np.diag([-1.0, -1.0, 1.0])
 Grid = tuple[tuple[int, int, int], NDArray[np.float64]]  # (shape, affine)
@@ -96,3 +97,12 @@ def resample(
     f.SetOutputPixelType(sitk.sitkFloat32 if kind == "linear" else sitk.sitkInt32)
     out, _ = from_sitk(f.Execute(to_sitk(data, affine)))
     return out
+
+
+def geometry_mismatch(pred_path: Path, pred_shape, pred_affine, ref_path: Path, ref_shape, ref_affine) -> str | None:
+    """A message naming both files and both grids when they differ, else None."""
+    if tuple(pred_shape) == tuple(ref_shape) and np.allclose(pred_affine, ref_affine, atol=1e-3):
+        return None
+    def grid(shape, affine):
+        return f"shape {tuple(int(s) for s in shape)}, affine {np.round(affine[:3], 3).tolist()}"
+    return f"reference {ref_path} ({grid(ref_shape, ref_affine)}) is not on the grid of {pred_path} ({grid(pred_shape, pred_affine)})"

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from . import io, metrics
+from .geometry import geometry_mismatch
 from . import labels as L
 from .labels import REGIONS
 
@@ -28,7 +29,6 @@ __all__ = [
     "box_plots",
     "by_region",
     "failures",
-    "geometry_mismatch",
     "image_score_rows",
     "instance_score_rows",
     "read_scores",
@@ -50,15 +50,6 @@ SCORE_SCHEMA = pa.schema([
     ("batch", pa.string()), ("structure", pa.string()), ("metric", pa.string()), ("value", pa.float64()),
     ("definition", pa.string()), ("flag", pa.string()), ("pred_voxels", pa.int64()), ("ref_voxels", pa.int64()),
 ])
-
-
-def geometry_mismatch(pred_path: Path, pred_shape, pred_affine, ref_path: Path, ref_shape, ref_affine) -> str | None:
-    """A message naming both files and both grids when they differ, else None."""
-    if tuple(pred_shape) == tuple(ref_shape) and np.allclose(pred_affine, ref_affine, atol=1e-3):
-        return None
-    def grid(shape, affine):
-        return f"shape {tuple(int(s) for s in shape)}, affine {np.round(affine[:3], 3).tolist()}"
-    return f"reference {ref_path} ({grid(ref_shape, ref_affine)}) is not on the grid of {pred_path} ({grid(pred_shape, pred_affine)})"
 
 
 def _load_pair(pred_path: Path, ref_path: Path):

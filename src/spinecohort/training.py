@@ -119,12 +119,11 @@ def preprocess_pair(
 
     image, affine = io.load_image(image_path)
     reference, ref_affine = io.load_mask(reference_path)
-    if reference.shape != image.shape or not np.allclose(ref_affine, affine, atol=1e-3):
-        raise ValueError(f"{reference_path}: reference is not on the grid of {image_path}")
+    if problem := geometry.geometry_mismatch(image_path, image.shape, affine, reference_path, reference.shape, ref_affine):
+        raise ValueError(problem)
     corrected = bias_correct(image, affine, threads=threads, **n4).corrected
     out, out_affine = to_model_space(corrected, affine, orientation=orientation, spacing=spacing, threads=threads)
-    grid = geometry.target_grid(image.shape, affine, orientation, spacing)
-    labels = geometry.resample(reference, affine, grid, kind="nearest", threads=threads)
+    labels = geometry.resample(reference, affine, (out.shape, out_affine), kind="nearest", threads=threads)
     return out, labels, out_affine
 
 
@@ -218,6 +217,14 @@ def dataset_name(dataset_id: int, name: str) -> str:
     return f"Dataset{dataset_id:03d}_{name}"
 
 
+def dataset_folder(parent: Path, dataset_id: int) -> Path:
+    """The `DatasetXXX_<name>` folder of `dataset_id` under an nnU-Net folder (the name is nnU-Net's to keep)."""
+    found = sorted(parent.glob(f"Dataset{dataset_id:03d}_*"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"{parent}: expected one Dataset{dataset_id:03d}_* folder, found {len(found)}")
+    return found[0]
+
+
 def plan_and_preprocess(
     root: str | Path, dataset_id: int, *, spacing_zyx: Sequence[float], patch_zyx: Sequence[int], batch_size: int,
     features: Sequence[int] | None, splits: list[dict[str, list[str]]], processes: int = 1,
@@ -228,7 +235,7 @@ def plan_and_preprocess(
 
     extract_fingerprints([dataset_id], num_processes=processes, check_dataset_integrity=True, show_progress_bar=False)
     plan_experiments([dataset_id], overwrite_target_spacing=tuple(float(s) for s in spacing_zyx))
-    preprocessed = next(folders["nnUNet_preprocessed"].glob(f"Dataset{dataset_id:03d}_*"))
+    preprocessed = dataset_folder(folders["nnUNet_preprocessed"], dataset_id)
     plans_path = preprocessed / "nnUNetPlans.json"
     plans = adapt_plans(io.read_json(plans_path), spacing_zyx=spacing_zyx, patch_zyx=patch_zyx, batch_size=batch_size, features=features)
     io.write_json(plans_path, plans)
@@ -251,7 +258,7 @@ def train_semantic_fold(
 
     from .semantic import pick_device
 
-    preprocessed = next(folders["nnUNet_preprocessed"].glob(f"Dataset{dataset_id:03d}_*"))
+    preprocessed = dataset_folder(folders["nnUNet_preprocessed"], dataset_id)
     plans = io.read_json(preprocessed / "nnUNetPlans.json")
     plans["continue_training"] = False  # nnU-Net 2.8 pops this key in __init__
     torch.manual_seed(seed * 1000 + fold)
@@ -273,7 +280,7 @@ def export_semantic_model(
     import torch
 
     root, out = Path(root), Path(out)
-    trained = next((root / "nnUNet_results").glob(f"Dataset{dataset_id:03d}_*")) / f"{TRAINER}__nnUNetPlans__{CONFIGURATION}"
+    trained = dataset_folder(root / "nnUNet_results", dataset_id) / f"{TRAINER}__nnUNetPlans__{CONFIGURATION}"
     for fold in range(folds):
         ckpt = torch.load(trained / f"fold_{fold}" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
         keep = {k: ckpt[k] for k in ("network_weights", "trainer_name", "init_args", "inference_allowed_mirroring_axes", "current_epoch")}
