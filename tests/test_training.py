@@ -248,6 +248,7 @@ def test_smoke_training_exports_models_the_inference_code_loads(tmp_path):
     image = next((tmp_path / "training" / "nnUNet_raw").glob("Dataset900_*/imagesTr/*_0000.nii.gz"))
     logits, props = FoldPredictor(semantic, 1, device="cpu").predict(image)
     assert logits.shape[0] == len(L.SEMANTIC_LABELS) + 1 and np.isfinite(logits.astype(np.float32)).all()
+    _check_fine_tuning_starts_from(models / "semantic", tmp_path / "training")
 
     model = read_instance_model(models / "instance")
     assert model.spacing == (2.5, 2.5, 4.4) and model.cutout == (64, 80, 16)
@@ -260,6 +261,44 @@ def test_smoke_training_exports_models_the_inference_code_loads(tmp_path):
     instance, _ = assemble(geometry.resample(seg, affine, grid, kind="nearest"), model, predictor, "lumbar")
     assert instance.shape == grid[0]
     assert (tmp_path / "benchmarks" / "train" / "semantic_fold0.tsv").is_file()
+
+
+FINE_TUNE_START = """
+import sys, torch
+from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoMirroring import nnUNetTrainerNoMirroring
+from spinecohort import training
+model, root = sys.argv[1:]
+start = {}
+nnUNetTrainerNoMirroring.run_training = lambda self: start.update(self.network.state_dict())  # the start is all we check
+training.train_semantic_fold(root, 900, 1, epochs=1, iterations_per_epoch=1, val_iterations_per_epoch=1,
+                             device="cpu", pretrained=model)
+pretrained = torch.load(f"{model}/fold_1/checkpoint_final.pth", weights_only=True)["network_weights"]
+assert start.keys() == pretrained.keys() and all(torch.equal(start[k], v) for k, v in pretrained.items())
+print("fine-tuning starts from fold 1")
+"""
+
+
+def _check_fine_tuning_starts_from(model, root) -> None:
+    """Fold 1 fine-tuned from `model` starts with exactly its fold 1 weights (own process: nnU-Net's folders)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", FINE_TUNE_START, str(model), str(root)], capture_output=True, text=True)
+    assert proc.returncode == 0 and "starts from fold 1" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_pretrained_weights_refuse_other_labels_and_missing_folds(tmp_path):
+    from spinecohort.training import pretrained_weights
+
+    demo = ROOT / "resources" / "demo_models" / "semantic"
+    dataset = io.read_json(demo / "dataset.json")
+    weights = pretrained_weights(demo, 2, dataset)
+    assert weights["decoder.seg_layers.3.bias"].shape[0] == len(dataset["labels"])
+    swapped = {**dataset, "labels": {**dataset["labels"], "background": 1, "class_1": 0}}
+    with pytest.raises(ValueError, match="pretrained model labels .* differ"):
+        pretrained_weights(demo, 0, swapped)
+    with pytest.raises(FileNotFoundError, match="no fold 3"):
+        pretrained_weights(demo, 3, dataset)
 
 
 @pytest.mark.slow

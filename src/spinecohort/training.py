@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -249,9 +249,13 @@ def plan_and_preprocess(
 
 def train_semantic_fold(
     root: str | Path, dataset_id: int, fold: int, *, epochs: int, iterations_per_epoch: int, val_iterations_per_epoch: int,
-    device: str = "auto", seed: int = 0,
+    device: str = "auto", seed: int = 0, pretrained: str | Path | None = None,
 ) -> Path:  # fmt: skip
-    """Train one fold with nnU-Net's `nnUNetTrainerNoMirroring`; returns its `checkpoint_final.pth`."""
+    """Train one fold with nnU-Net's `nnUNetTrainerNoMirroring`; returns its `checkpoint_final.pth`.
+
+    `pretrained`: a SPINEPS-format semantic model folder to fine-tune (its fold `fold` initialises
+    this fold, so each fold's validation subjects stay unseen); optimizer and schedule start afresh.
+    """
     folders = _set_nnunet_folders(Path(root))
     import torch
     from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoMirroring import nnUNetTrainerNoMirroring
@@ -266,8 +270,29 @@ def train_semantic_fold(
     trainer.num_epochs = epochs
     trainer.num_iterations_per_epoch = iterations_per_epoch
     trainer.num_val_iterations_per_epoch = val_iterations_per_epoch
+    if pretrained is not None:
+        trainer.initialize()
+        network = getattr(trainer.network, "_orig_mod", trainer.network)
+        network.load_state_dict(pretrained_weights(pretrained, fold, io.read_json(preprocessed / "dataset.json")))
     trainer.run_training()
     return Path(trainer.output_folder) / "checkpoint_final.pth"
+
+
+def pretrained_weights(model: str | Path, fold: int, dataset: Mapping[str, Any]) -> dict[str, Any]:
+    """Network weights of `model`'s fold `fold`, after checking it predicts the same labels as `dataset`.
+
+    Loaded with `weights_only=True`: a checkpoint cannot run code while it is read.
+    """
+    import torch
+
+    model = Path(model)
+    theirs = io.read_json(model / "dataset.json")["labels"]
+    if theirs != dataset["labels"]:
+        raise ValueError(f"{model}: pretrained model labels {theirs} differ from the training dataset's {dataset['labels']}")
+    checkpoint = model / f"fold_{fold}" / "checkpoint_final.pth"
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"{checkpoint}: the pretrained model has no fold {fold}")
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)["network_weights"]
 
 
 def export_semantic_model(
@@ -327,6 +352,7 @@ def _semantic_fold(args: argparse.Namespace) -> None:
     train_semantic_fold(
         args.root, args.dataset_id, args.fold, epochs=args.epochs, iterations_per_epoch=args.iterations_per_epoch,
         val_iterations_per_epoch=args.val_iterations_per_epoch, device=args.device, seed=args.seed,
+        pretrained=args.pretrained,
     )  # fmt: skip
 
 
@@ -387,6 +413,7 @@ def add_training_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-iterations-per-epoch", type=int, default=50)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrained", type=Path, help="SPINEPS-format semantic model folder to fine-tune (fold k from its fold_k)")
     p.set_defaults(handler=_semantic_fold)
 
     p = sub.add_parser("export-semantic-model", help="SPINEPS-format model folder from the trained folds")

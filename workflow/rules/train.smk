@@ -104,6 +104,7 @@ rule plan_semantic_training:
 rule train_semantic_fold:
     input:
         plans=rules.plan_semantic_training.output.plans,
+        pretrained=lambda w: [f"{SEM['pretrained']}/fold_{w.fold}/checkpoint_final.pth"] if SEM.get("pretrained") else [],
     output:
         FOLD_RESULTS / "fold_{fold}" / "checkpoint_final.pth",
     log:
@@ -123,6 +124,7 @@ rule train_semantic_fold:
             f"--dataset-id {SEM['dataset_id']} --epochs {SEM['epochs']}"
             f" --iterations-per-epoch {SEM['iterations_per_epoch']}"
             f" --val-iterations-per-epoch {SEM['val_iterations_per_epoch']} --seed {TRAIN['seed']}"
+            + (f" --pretrained {SEM['pretrained']}" if SEM.get("pretrained") else "")
         ),
         device=config["device"],
     shell:
