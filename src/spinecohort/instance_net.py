@@ -16,13 +16,14 @@ Parameter names follow the checkpoint layout, so a Lightning checkpoint's
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .checkpoints import load_lightning_checkpoint
 
 __all__ = ["InstanceUNet", "NetworkPredictor", "infer_dim", "load_instance_checkpoint", "save_instance_checkpoint"]
 
@@ -93,44 +94,12 @@ class InstanceUNet(nn.Module):
         return self.final_conv(self.final_res_block(torch.cat((x, stem), dim=1)))
 
 
-class _Stub:
-    """Stands in for any class a checkpoint pickles besides tensors (e.g. training options)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        pass
-
-
-class _WeightsOnlyUnpickler(pickle.Unpickler):
-    """Rebuilds tensors and plain containers; every other global becomes a harmless `_Stub`.
-
-    Lightning checkpoints pickle their hyper-parameters (arbitrary objects):
-    ``torch.load(weights_only=True)`` refuses them, and ``weights_only=False``
-    would run whatever code they name. This keeps the tensors and drops the rest.
-    """
-
-    allowed_modules = ("torch", "collections", "numpy", "builtins", "_codecs")
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module.split(".")[0] in self.allowed_modules and not (module == "builtins" and name in {"eval", "exec", "getattr", "__import__", "open"}):
-            return super().find_class(module, name)
-        return _Stub
-
-
-class _SafePickle:
-    Unpickler = _WeightsOnlyUnpickler
-    load = pickle.load
-    __name__ = "spinecohort_safe_pickle"
-
-
 def load_instance_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The network's state dict from a SPINEPS/Lightning checkpoint (``network.`` prefix removed), without Lightning."""
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False, pickle_module=_SafePickle)
+    """The network's state dict from a SPINEPS/Lightning checkpoint (``network.`` prefix removed), without Lightning.
+
+    Read without running code from the file (`checkpoints.load_lightning_checkpoint`).
+    """
+    ckpt = load_lightning_checkpoint(path, map_location=map_location)
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
     prefix = "network."
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} or dict(state)
