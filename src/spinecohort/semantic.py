@@ -25,6 +25,7 @@ __all__ = [
     "ModelConfig",
     "ModelError",
     "read_model_config",
+    "check_model",
     "FoldPredictor",
     "average_fold_logits",
     "logits_to_segmentation",
@@ -110,6 +111,30 @@ def read_model_config(folder: str | Path) -> ModelConfig:
     )
 
 
+def check_model(folder: str | Path, folds: Sequence[int]) -> ModelConfig:
+    """Start-up check of a model folder: the folds asked for exist, and its label map is SPINEPS's and fits the network.
+
+    Reads only JSON files: cheap enough for every workflow start.
+    """
+    model = read_model_config(folder)
+    missing = [f for f in folds if f not in model.folds or not (model.path / f"fold_{f}" / "checkpoint_final.pth").is_file()]
+    if missing:
+        raise ModelError(f"model folder {model.path}: fold(s) {missing} asked for but missing (available: {list(model.folds)})")
+    unknown = sorted(set(model.labels.values()) - set(L.SEMANTIC_LABELS))
+    if unknown:
+        raise ModelError(f"model folder {model.path}: inference_config.json maps to unknown SPINEPS label ids {unknown}")
+    try:
+        outputs = len(json.loads((model.path / "dataset.json").read_text())["labels"])
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"model folder {model.path}: no readable dataset.json ({type(exc).__name__}: {exc})") from None
+    if set(model.labels) != set(range(1, outputs)):
+        raise ModelError(
+            f"model folder {model.path}: inference_config.json maps outputs {sorted(model.labels)}"
+            f" but dataset.json gives the network {outputs} outputs (background and 1..{outputs - 1})"
+        )
+    return model
+
+
 def pick_device(requested: str = "auto"):
     """torch device: CUDA when present (or asked for), else CPU."""
     import torch
@@ -126,9 +151,16 @@ class FoldPredictor:
         import torch
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+        from .checkpoints import CheckpointError, load_checkpoint
+
         checkpoint = model.path / f"fold_{fold}" / "checkpoint_final.pth"
         if not checkpoint.is_file():
             raise ModelError(f"model folder {model.path}: fold {fold} has no {checkpoint.name}")
+        # nnU-Net unpickles with weights_only=False; first prove the file names no code to run.
+        try:
+            load_checkpoint(checkpoint)
+        except CheckpointError as exc:
+            raise ModelError(str(exc)) from None
         torch.set_num_threads(threads)
         self.device = pick_device(device)
         self.predictor = nnUNetPredictor(

@@ -65,10 +65,7 @@ def check_training_manifest(table: pd.DataFrame, *, references: Sequence[str], s
     Fails before any training starts, listing every offending row at once.
     """
     table = cohort.check_manifest(table, source=source, require_batch=False)
-    allowed = {
-        "reference_semantic": frozenset({0, *L.SEMANTIC_LABELS}),
-        "reference_instance": frozenset({0, *L.VERTEBRA_IDS.values()} | {o + v for o in (L.IVD_OFFSET, L.ENDPLATE_OFFSET) for v in L.VERTEBRA_IDS.values()}),
-    }
+    allowed = {"reference_semantic": L.SEMANTIC_MASK_IDS, "reference_instance": L.INSTANCE_MASK_IDS}
     problems = []
     for n, row in enumerate(table.itertuples(index=False), start=1):  # 1-based, header excluded, as check_manifest
         for column in references:
@@ -281,9 +278,9 @@ def train_semantic_fold(
 def pretrained_weights(model: str | Path, fold: int, dataset: Mapping[str, Any]) -> dict[str, Any]:
     """Network weights of `model`'s fold `fold`, after checking it predicts the same labels as `dataset`.
 
-    Loaded with `weights_only=True`: a checkpoint cannot run code while it is read.
+    Read without running code from the file (`checkpoints.load_checkpoint`).
     """
-    import torch
+    from .checkpoints import load_checkpoint
 
     model = Path(model)
     theirs = io.read_json(model / "dataset.json")["labels"]
@@ -292,7 +289,7 @@ def pretrained_weights(model: str | Path, fold: int, dataset: Mapping[str, Any])
     checkpoint = model / f"fold_{fold}" / "checkpoint_final.pth"
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{checkpoint}: the pretrained model has no fold {fold}")
-    return torch.load(checkpoint, map_location="cpu", weights_only=True)["network_weights"]
+    return load_checkpoint(checkpoint)["network_weights"]
 
 
 def export_semantic_model(
@@ -304,10 +301,12 @@ def export_semantic_model(
     """
     import torch
 
+    from .checkpoints import load_checkpoint
+
     root, out = Path(root), Path(out)
     trained = dataset_folder(root / "nnUNet_results", dataset_id) / f"{TRAINER}__nnUNetPlans__{CONFIGURATION}"
     for fold in range(folds):
-        ckpt = torch.load(trained / f"fold_{fold}" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(trained / f"fold_{fold}" / "checkpoint_final.pth")
         keep = {k: ckpt[k] for k in ("network_weights", "trainer_name", "init_args", "inference_allowed_mirroring_axes", "current_epoch")}
         with io.atomic_path(out / f"fold_{fold}" / "checkpoint_final.pth") as tmp:
             torch.save(keep, tmp)
