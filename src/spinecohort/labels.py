@@ -56,6 +56,12 @@ VERTEBRA_IDS: Final = {
 }
 VERTEBRA_NAMES: Final = {v: k for k, v in VERTEBRA_IDS.items()}
 
+# Every id a valid mask may hold (0 = background), for checking references.
+SEMANTIC_MASK_IDS: Final = frozenset({0, *SEMANTIC_LABELS})
+INSTANCE_MASK_IDS: Final = frozenset(
+    {0, *VERTEBRA_IDS.values()} | {offset + v for offset in (IVD_OFFSET, ENDPLATE_OFFSET) for v in VERTEBRA_IDS.values()}
+)
+
 
 def level_sequence(*, thoracic: int = 12, lumbar: int = 5, first: str = "C1") -> list[int]:
     """Instance ids of a column from `first` down to the sacrum, top first.

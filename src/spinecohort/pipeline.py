@@ -224,12 +224,14 @@ def _score(args: argparse.Namespace) -> None:
     parts = []
 
     def work(row: pd.Series) -> None:
+        scored = []  # kept only if both references score: a failed image has no rows
         if row.reference_semantic:
             pred = derivative_path(args.derivatives, row, "spine")
-            parts.append(image_score_rows(row, pred, Path(row.reference_semantic), args.structures, args.assd))
+            scored.append(image_score_rows(row, pred, Path(row.reference_semantic), args.structures, args.assd))
         if row.reference_instance:
             pred = derivative_path(args.derivatives, row, "vert")
-            parts.append(instance_score_rows(row, pred, Path(row.reference_instance), args.assd))
+            scored.append(instance_score_rows(row, pred, Path(row.reference_instance), args.assd))
+        parts.extend(scored)
 
     run_stage("score", with_reference, args.out, work, upstream=[args.input])
     write_scores(args.out / "scores.parquet", pd.concat(parts, ignore_index=True) if parts else pd.DataFrame())

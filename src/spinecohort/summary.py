@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from . import io, metrics
-from .geometry import geometry_mismatch
 from . import labels as L
+from .geometry import geometry_mismatch
 from .labels import REGIONS
 
 __all__ = [
@@ -52,11 +52,14 @@ SCORE_SCHEMA = pa.schema([
 ])
 
 
-def _load_pair(pred_path: Path, ref_path: Path):
+def _load_pair(pred_path: Path, ref_path: Path, allowed: frozenset[int]):
+    """Prediction and reference on one grid; a reference with ids outside `allowed` is mislabeled."""
     pred, pred_affine = io.load_mask(pred_path)
     ref, ref_affine = io.load_mask(ref_path)
     if problem := geometry_mismatch(pred_path, pred.shape, pred_affine, ref_path, ref.shape, ref_affine):
         raise ValueError(problem)
+    if unknown := sorted(set(np.unique(ref).tolist()) - allowed):
+        raise ValueError(f"{ref_path}: reference has unknown label ids {unknown}")
     from .geometry import spacing_of
 
     return pred, ref, spacing_of(ref_affine)
@@ -73,7 +76,7 @@ def image_score_rows(
     row: pd.Series, pred_path: Path, ref_path: Path, structures: Mapping[str, Sequence[int]], definition: str
 ) -> pd.DataFrame:
     """Long-format DSC and ASSD rows of one image's semantic mask against its reference."""
-    pred, ref, spacing = _load_pair(pred_path, ref_path)
+    pred, ref, spacing = _load_pair(pred_path, ref_path, L.SEMANTIC_MASK_IDS)
     records = []
     for s in metrics.score_structures(pred, ref, spacing, structures, definition):
         for metric, value, how in (("DSC", s.dsc, ""), ("ASSD", s.assd, definition)):
@@ -88,7 +91,7 @@ INSTANCE_GROUPS = {"Vertebra instances": (1, L.IVD_OFFSET), "IVD instances": (L.
 
 def instance_score_rows(row: pd.Series, pred_path: Path, ref_path: Path, definition: str) -> pd.DataFrame:
     """Panoptic rows (PQ, SQ, RQ, recall, precision; mean DSC and ASSD of matched instances) per instance group."""
-    pred, ref, spacing = _load_pair(pred_path, ref_path)
+    pred, ref, spacing = _load_pair(pred_path, ref_path, L.INSTANCE_MASK_IDS)
     records = []
     for group, (lo, hi) in INSTANCE_GROUPS.items():
         p = np.where((pred >= lo) & (pred < hi), pred, 0)
