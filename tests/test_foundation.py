@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import nibabel as nib
@@ -10,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from hostile import bad_images
 from spinecohort import cohort, geometry, io, pipeline, preprocess, semantic
 from spinecohort.models import write_random_semantic_model
 from spinecohort.phantom import PRESETS, make_subject, render_station, write_cohort
@@ -134,59 +134,10 @@ def test_clean_semantic_drops_specks_and_far_islands_and_fills_holes():
     assert (out == 49).sum() == 20 * 10 * 10
 
 
-def _bad_inputs(folder: Path, good: Path) -> dict[str, tuple[Path, str]]:
-    img = nib.load(good)
-    data, aff = img.get_fdata().astype(np.float32), img.affine
-    cases = {}
-
-    def save(name, arr, affine=aff):
-        path = folder / f"{name}.nii.gz"
-        nib.save(nib.Nifti1Image(arr, affine), path)
-        return path
-
-    raw = good.read_bytes()
-    corrupt = folder / "corrupt.nii.gz"
-    corrupt.write_bytes(raw[:20] + bytes(200) + raw[220:])
-    truncated = folder / "truncated.nii.gz"
-    truncated.write_bytes(raw[: len(raw) // 2])
-    text = folder / "text.nii.gz"
-    text.write_bytes(gzip.compress(b"not an image"))
-    nan = data.copy()
-    nan[5, 5, 5] = np.nan
-    cases["corrupt"] = (corrupt, "corrupt")
-    cases["truncated"] = (truncated, "truncated")
-    cases["not_nifti"] = (text, "not a readable NIfTI")
-    cases["missing"] = (folder / "missing.nii.gz", "does not exist")
-    cases["flat"] = (save("flat", data[:, :, :1]), "2-D")
-    cases["fourd"] = (save("fourd", np.stack([data, data], -1)), "3-D image")
-    cases["nan"] = (save("nan", nan), "NaN or Inf")
-    cases["zero"] = (save("zero", np.zeros_like(data)), "constant")
-    huge = aff.copy()
-    huge[:3, :3] *= 1e5
-    cases["spacing"] = (save("spacing", data, huge), "absurd voxel size")
-    flat_axis = aff.copy()
-    flat_axis[:3, 0] = 0
-    degenerate = nib.Nifti1Image(data, None)
-    degenerate.set_sform(flat_axis, code=1)  # a qform cannot hold a singular affine
-    nib.save(degenerate, folder / "zero_spacing.nii.gz")
-    cases["zero_spacing"] = (folder / "zero_spacing.nii.gz", "absurd voxel size")
-    sheared = aff.copy()
-    sheared[:3, 1] += 0.3 * aff[:3, 0]
-    cases["sheared"] = (save("sheared", data, sheared), "sheared")
-    inf = data.copy()
-    inf[1, 2, 3] = np.inf
-    cases["inf"] = (save("inf", inf), "NaN or Inf")
-    scaled = nib.Nifti1Image(np.full(data.shape, 30000, np.int16), aff)
-    scaled.header.set_slope_inter(1e36, 0)  # int16 x slope overflows float32
-    nib.save(scaled, folder / "overflow.nii.gz")
-    cases["overflow"] = (folder / "overflow.nii.gz", "NaN or Inf")
-    return cases
-
-
 def test_each_bad_image_fails_alone_with_its_reason(small_cohort: Path, tmp_path: Path):
     table = cohort.resolve_paths(cohort.read_manifest(small_cohort), small_cohort.parent)
     good = table.iloc[:2]
-    bad = _bad_inputs(tmp_path, Path(good.image.iloc[0]))
+    bad = bad_images(tmp_path, Path(good.image.iloc[0]))
     rows = [good]
     for k, (name, (path, _)) in enumerate(bad.items()):
         rows.append(pd.DataFrame([{**good.iloc[0].to_dict(), "subject": f"bad{k}", "image_id": name, "image": str(path)}]))
@@ -201,3 +152,21 @@ def test_each_bad_image_fails_alone_with_its_reason(small_cohort: Path, tmp_path
     # A later stage skips them and carries the reason along.
     later = pipeline.run_stage("next", batch, tmp_path / "next", lambda row: None, upstream=[tmp_path / "out"])
     assert set(later[later.status == "skipped"].image_id) == set(bad)
+
+
+def test_atomic_writes_leave_nothing_half_written_and_sweep_a_killed_writers_temp(tmp_path: Path):
+    target = tmp_path / "sub-1_T2w.nii.gz"
+    with pytest.raises(RuntimeError), io.atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed mid-write")
+    assert not list(tmp_path.iterdir())  # neither the target nor its temporary file
+
+    killed = tmp_path / ".sub-1_T2w.k1ll3d_x.tmp.nii.gz"  # what a SIGKILLed writer leaves
+    others = [tmp_path / ".sub-1_T2w.k1ll3d_x.tmp.png", tmp_path / ".sub-10_T2w.k1ll3d_x.tmp.nii.gz"]
+    for path in (killed, *others):
+        path.write_bytes(b"stale")
+    with io.atomic_path(target) as tmp:
+        assert not killed.exists() and tmp.name.endswith(".tmp.nii.gz")
+        tmp.write_bytes(b"done")
+    assert target.read_bytes() == b"done"
+    assert sorted(tmp_path.iterdir()) == sorted([target, *others])  # other files' temporaries are theirs

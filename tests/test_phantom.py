@@ -183,3 +183,13 @@ def test_unwritable_output_folder_fails_cleanly(tmp_path: Path):
     proc = subprocess.run([sys.executable, "-m", "spinecohort.cli", "phantom", str(blocker / "out")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_planned_batches_are_the_written_manifests(small_cohort: Path):
+    """The workflow plans the demo's batches before the cohort exists; they must be the written ones."""
+    from spinecohort.phantom import planned_batches
+
+    table = pd.read_csv(small_cohort, sep="\t", dtype=str)
+    written = {batch: sorted(ids) for batch, ids in table.groupby("batch")["image_id"]}
+    assert planned_batches(subjects=2, batch_size=4) == written
+    assert len(written) == 2 and sum(map(len, written.values())) == 6

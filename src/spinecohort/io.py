@@ -7,6 +7,7 @@ and then renamed, so a killed job never leaves a file that looks finished.
 from __future__ import annotations
 
 import contextlib
+import glob
 import gzip
 import json
 import os
@@ -51,12 +52,15 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` on success.
 
     The temporary name keeps the suffixes of `path` (writers choose the format
-    from them) and is removed if the body raises.
+    from them) and is removed if the body raises. Temporary files of `path` that a
+    killed writer left behind are removed first (each path has one writer).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=".tmp" + suffix, dir=path.parent)
+    prefix, suffix = f".{path.name.split('.')[0]}.", ".tmp" + "".join(path.suffixes)
+    for stale in path.parent.glob(f"{glob.escape(prefix)}*{glob.escape(suffix)}"):
+        stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

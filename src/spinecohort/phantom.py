@@ -458,6 +458,29 @@ def render_station(subject: Subject, region: str, preset: Preset, *, seed: int, 
 NAKO_STATION: Final = {"cervical": "HWS", "thoracic": "BWS", "lumbar": "LWS"}
 
 
+def station_stem(index: int, region: str) -> str:
+    """BIDS file stem (= image_id) of phantom subject `index`'s station in `region`."""
+    return f"sub-phantom{index:04d}_acq-sag_chunk-{NAKO_STATION[region]}"
+
+
+def planned_batches(*, subjects: int, batch_size: int, first_index: int = 1) -> dict[str, list[str]]:
+    """Batch -> image ids of the manifest `write_cohort` writes into a fresh folder, known before rendering.
+
+    >>> planned_batches(subjects=2, batch_size=4)["b0002"]
+    ['sub-phantom0001_acq-sag_chunk-BWS', 'sub-phantom0002_acq-sag_chunk-BWS']
+    """
+    import pandas as pd
+
+    from . import cohort
+
+    rows = pd.DataFrame(
+        [{"subject": f"phantom{i:04d}", "session": "", "region": region, "image_id": station_stem(i, region)}
+         for i in range(first_index, first_index + subjects) for region in L.REGIONS]
+    )  # fmt: skip
+    table = cohort.assign_batches(rows, batch_size=batch_size)
+    return {batch: list(ids) for batch, ids in table.groupby("batch")["image_id"]}
+
+
 def write_cohort(
     out: str | os.PathLike[str],
     *,
@@ -494,11 +517,10 @@ def write_cohort(
     raw, ref = out / "rawdata", out / "derivatives" / "reference"
     for index in range(first_index, first_index + subjects):
         subject = make_subject(seed, index, anomaly=anomaly)
-        sub = f"phantom{index:04d}"
         for region in L.REGIONS:
             ph = render_station(subject, region, PRESETS[preset], seed=seed, index=index)
-            stem = f"sub-{sub}_acq-sag_chunk-{NAKO_STATION[region]}"
-            anat = Path(f"sub-{sub}") / "anat"
+            stem = station_stem(index, region)
+            anat = Path(f"sub-phantom{index:04d}") / "anat"
             io.save_nifti(raw / anat / f"{stem}_T2w.nii.gz", ph.image, ph.affine, dtype=np.float32)
             io.save_nifti(ref / anat / f"{stem}_mod-T2w_seg-spine_msk.nii.gz", ph.semantic, ph.affine, dtype=np.uint8)
             io.save_nifti(ref / anat / f"{stem}_mod-T2w_seg-vert_msk.nii.gz", ph.instance, ph.affine, dtype=np.uint16)

@@ -1,0 +1,59 @@
+"""Hostile inputs made on the fly from a phantom image (shared by the unit and the workflow tests)."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+def bad_images(folder: Path, good: Path) -> dict[str, tuple[Path, str]]:
+    """Unusable variants of the image `good`, written to `folder`: name -> (path, words of the expected reason)."""
+    img = nib.load(good)
+    data, aff = img.get_fdata().astype(np.float32), img.affine
+    cases = {}
+
+    def save(name, arr, affine=aff):
+        path = folder / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(arr, affine), path)
+        return path
+
+    raw = good.read_bytes()
+    corrupt = folder / "corrupt.nii.gz"
+    corrupt.write_bytes(raw[:20] + bytes(200) + raw[220:])
+    truncated = folder / "truncated.nii.gz"
+    truncated.write_bytes(raw[: len(raw) // 2])
+    text = folder / "text.nii.gz"
+    text.write_bytes(gzip.compress(b"not an image"))
+    nan = data.copy()
+    nan[5, 5, 5] = np.nan
+    cases["corrupt"] = (corrupt, "corrupt")
+    cases["truncated"] = (truncated, "truncated")
+    cases["not_nifti"] = (text, "not a readable NIfTI")
+    cases["missing"] = (folder / "missing.nii.gz", "does not exist")
+    cases["flat"] = (save("flat", data[:, :, :1]), "2-D")
+    cases["fourd"] = (save("fourd", np.stack([data, data], -1)), "3-D image")
+    cases["nan"] = (save("nan", nan), "NaN or Inf")
+    cases["zero"] = (save("zero", np.zeros_like(data)), "constant")
+    huge = aff.copy()
+    huge[:3, :3] *= 1e5
+    cases["spacing"] = (save("spacing", data, huge), "absurd voxel size")
+    flat_axis = aff.copy()
+    flat_axis[:3, 0] = 0
+    degenerate = nib.Nifti1Image(data, None)
+    degenerate.set_sform(flat_axis, code=1)  # a qform cannot hold a singular affine
+    nib.save(degenerate, folder / "zero_spacing.nii.gz")
+    cases["zero_spacing"] = (folder / "zero_spacing.nii.gz", "absurd voxel size")
+    sheared = aff.copy()
+    sheared[:3, 1] += 0.3 * aff[:3, 0]
+    cases["sheared"] = (save("sheared", data, sheared), "sheared")
+    inf = data.copy()
+    inf[1, 2, 3] = np.inf
+    cases["inf"] = (save("inf", inf), "NaN or Inf")
+    scaled = nib.Nifti1Image(np.full(data.shape, 30000, np.int16), aff)
+    scaled.header.set_slope_inter(1e36, 0)  # int16 x slope overflows float32
+    nib.save(scaled, folder / "overflow.nii.gz")
+    cases["overflow"] = (folder / "overflow.nii.gz", "NaN or Inf")
+    return cases
