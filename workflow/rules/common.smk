@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from spinecohort import cohort
+from spinecohort import cohort, phantom, semantic
 
 RESULTS = Path(config["results"])
 WORK = RESULTS / "work"
@@ -34,6 +34,10 @@ MODEL = (
     else config["semantic_model"]["path"]
 )
 FOLDS = config["semantic_model"]["folds"]
+# A broken model stops the run at start-up, not in every batch job (a folder that does not
+# exist yet is Snakemake's missing input).
+if Path(MODEL).exists():
+    semantic.check_model(MODEL, FOLDS)
 DEMO_INSTANCE_MODEL = DEMO_MODELS / "instance"
 INSTANCE_MODEL = (
     DEMO_INSTANCE_MODEL
@@ -53,25 +57,30 @@ def _read_manifest(path):
 
 
 @functools.cache
-def _batch_members(path):
-    table = _read_manifest(path)
+def _batch_members():
+    """Batch -> comma-separated image ids.
+
+    The demo's batches are planned, not read: its manifest does not exist yet. (No
+    checkpoint: Snakemake checks only the jobs known before a checkpoint for outputs a
+    killed run left incomplete, so batch jobs after one would never be redone.)
+    """
+    if config["demo"]["enabled"]:
+        demo = config["demo"]
+        planned = phantom.planned_batches(
+            subjects=demo["subjects"], batch_size=config["batch_size"]
+        )
+        return {batch: ",".join(ids) for batch, ids in planned.items()}
+    table = _read_manifest(MANIFEST)
     return table.groupby("batch")["image_id"].agg(",".join).to_dict()
 
 
-def _manifest_path():
-    """For the demo, the manifest is made by the `demo_cohort` checkpoint."""
-    if config["demo"]["enabled"]:
-        return str(checkpoints.demo_cohort.get().output.manifest)
-    return MANIFEST
-
-
 def get_batches():
-    return sorted(_batch_members(_manifest_path()))
+    return sorted(_batch_members())
 
 
 def get_batch_members(wildcards):
     """Image ids of a batch: a param, so that Snakemake reruns a batch whose membership changed."""
-    return _batch_members(_manifest_path())[wildcards.batch]
+    return _batch_members()[wildcards.batch]
 
 
 def get_model_file(name):

@@ -2,7 +2,7 @@
 # resources/demo_models (trained by train.smk, see MODEL.md there).
 
 
-checkpoint demo_cohort:
+rule demo_cohort:
     output:
         manifest=RESULTS / "demo" / "cohort.tsv",
     log:

@@ -30,9 +30,7 @@ rule score:
 
 rule summarize:
     input:
-        scores=lambda wildcards: expand(
-            WORK / "{batch}" / "scores", batch=get_batches()
-        ),
+        scores=expand(WORK / "{batch}" / "scores", batch=get_batches()),
     output:
         dataset=directory(RESULTS / "scores"),
         by_region=SUMMARY / "by_region.parquet",

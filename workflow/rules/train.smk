@@ -104,7 +104,11 @@ rule plan_semantic_training:
 rule train_semantic_fold:
     input:
         plans=rules.plan_semantic_training.output.plans,
-        pretrained=lambda w: [f"{SEM['pretrained']}/fold_{w.fold}/checkpoint_final.pth"] if SEM.get("pretrained") else [],
+        pretrained=lambda w: (
+            [f"{SEM['pretrained']}/fold_{w.fold}/checkpoint_final.pth"]
+            if SEM.get("pretrained")
+            else []
+        ),
     output:
         FOLD_RESULTS / "fold_{fold}" / "checkpoint_final.pth",
     log:

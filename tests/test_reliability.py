@@ -1,0 +1,158 @@
+"""Reliability of whole workflow runs: killed jobs, reruns and determinism (issue 8).
+
+These run the real demo workflow with Snakemake and compare every final output, byte for
+byte, against the plain demo run of the `demo_local_run` fixture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from hostile import bad_images
+
+from spinecohort import cohort
+
+ROOT = Path(__file__).resolve().parents[1]
+CRASH_HOOK = ROOT / "tests" / "crash"  # sitecustomize.py: SIGKILL at the n-th rename of one subcommand
+# Every per-batch and cohort-wide stage, in workflow order.
+STAGES = ("bias-correct", "resample", "predict-fold", "average-folds", "assemble-instances", "restore", "score", "summarize")
+FINAL = ("derivatives", "scores", "summary")
+
+
+def digests(results: Path) -> dict[str, str]:
+    """SHA-256 of every file under the final output folders (temporary leftovers included)."""
+    return {
+        str(p.relative_to(results)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for folder in FINAL
+        for p in sorted((results / folder).rglob("*"))
+        if p.is_file() and p.name != ".snakemake_timestamp"
+    }
+
+
+def demo(results: Path, *extra: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The default demo into `results`, in its own process group (what a crash kills)."""
+    return subprocess.run(
+        ["snakemake", "--cores", "2", "--config", f"results={results}", *extra],
+        cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=1800, start_new_session=True,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_run_killed_in_every_stage_reruns_to_the_same_bytes(demo_local_run: Path, tmp_path: Path):
+    """SIGKILL the job and Snakemake mid-write in each stage in turn, rerun each time; then compare."""
+    hook = {"PYTHONPATH": os.pathsep.join(filter(None, [str(CRASH_HOOK), os.environ.get("PYTHONPATH")]))}
+    for stage in STAGES:
+        killed = demo(tmp_path, SPINECOHORT_CRASH=f"{stage}:2", **hook)
+        assert killed.returncode == -signal.SIGKILL, (stage, killed.returncode, killed.stderr[-2000:])
+        # the kill left a complete temporary file that was never renamed
+        assert list(tmp_path.rglob(".*.tmp*")), stage
+        assert demo(tmp_path, "--unlock").returncode == 0  # the dead Snakemake's lock stays behind
+    finished = demo(tmp_path)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+
+    reference = digests(demo_local_run)
+    assert len(reference) > 40
+    assert digests(tmp_path) == reference
+
+
+def _variant(folder: Path, source: str, name: str, edit) -> Path:
+    """A copy of the NIfTI `source` with `edit(data, affine) -> (data, affine)` applied."""
+    img = nib.load(source)
+    data, affine = edit(np.asanyarray(img.dataobj), img.affine.copy())
+    path = folder / f"{name}.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine, img.header), path)
+    return path
+
+
+def _flip_first_axis(data, affine):
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3] = -1, data.shape[0] - 1
+    return data[::-1].copy(), affine @ flip
+
+
+def _tilt(data, affine, degrees=8.0):
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    rotation = np.array([[1, 0, 0, 0], [0, c, -s, 0], [0, s, c, 0], [0, 0, 0, 1]])
+    return data, rotation @ affine
+
+
+def _unknown_label(data, affine):
+    data = data.copy()
+    data[tuple(np.argwhere(data > 0)[0])] = 77
+    return data, affine
+
+
+@pytest.mark.slow
+def test_a_hostile_cohort_fails_only_its_bad_images(demo_local_run: Path, tmp_path: Path):
+    """Bad images join a demo batch; each fails alone, the batch's good images come out as in a clean run."""
+    demo = demo_local_run / "demo"
+    table = cohort.resolve_paths(cohort.read_manifest(demo / "cohort.tsv"), demo)
+    good = table[table.batch == "b0002"]  # the four lumbar stations
+    template = good.iloc[0]
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    rows, expected_failures = [], {}
+
+    def add(name: str, image: Path | str, reason: str | None = None, **references: str) -> str:
+        image_id = f"sub-{name}_acq-sag_chunk-LWS"
+        rows.append({**template.to_dict(), "subject": name, "image_id": image_id, "image": str(image),
+                     "reference_semantic": "", "reference_instance": "", **references})
+        if reason:
+            expected_failures[image_id] = (next(iter(references.values()), str(image)), reason)  # the file at fault
+        return image_id
+
+    for name, (path, reason) in bad_images(folder, Path(template.image)).items():
+        add(f"bad{name.replace('_', '')}", path, reason)
+    # A good image whose reference is on another grid, or holds a label id that does not exist.
+    cropped = _variant(folder, template.reference_semantic, "cropped_ref", lambda d, a: (d[:, :, 1:].copy(), a))
+    add("badrefgrid", template.image, "is not on the grid", reference_semantic=str(cropped))
+    mislabeled = _variant(folder, template.reference_semantic, "mislabeled_ref", _unknown_label)
+    add("badreflabel", template.image, "unknown label ids [77]", reference_semantic=str(mislabeled))
+    # Valid but unusual geometry: left-right flipped voxel order, and a tilted (oblique) affine.
+    references = {"reference_semantic": template.reference_semantic, "reference_instance": template.reference_instance}
+    variants = {}
+    for name, edit in (("flipped", _flip_first_axis), ("oblique", _tilt)):
+        variants[name] = add(name, _variant(folder, template.image, name, edit),
+                             **{k: str(_variant(folder, v, f"{name}_{k}", edit)) for k, v in references.items()})
+
+    manifest = folder / "cohort.tsv"
+    pd.concat([good, pd.DataFrame(rows)], ignore_index=True).to_csv(manifest, sep="\t", index=False)
+    results = tmp_path / "results"
+    configfile = folder / "config.yaml"
+    configfile.write_text(yaml.safe_dump({"demo": {"enabled": False}, "manifest": str(manifest), "results": str(results)}))
+    run = subprocess.run(["snakemake", "--cores", "2", "--configfile", str(configfile)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=1800)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    # Every bad image is in the failures table with its file and reason; nothing else is.
+    failures = pd.read_csv(results / "summary" / "failures.tsv", sep="\t", dtype=str).set_index("image_id")
+    assert set(failures.index) == set(expected_failures), failures
+    for image_id, (path, reason) in expected_failures.items():
+        message = failures.loc[image_id, "message"]
+        assert path in message and reason.split()[0] in message, (image_id, message)
+
+    # The good images' masks, snapshots and scores are the clean run's, byte for byte.
+    clean, hostile = digests(demo_local_run), digests(results)
+    mine = [k for k in clean if k.startswith("derivatives") and any(i in k for i in good.image_id)]
+    assert len(mine) == 3 * len(good) and all(hostile[k] == clean[k] for k in mine)
+    scores = {run: pd.read_parquet(run / "scores") for run in (demo_local_run, results)}
+    keep = scores[demo_local_run].image_id.isin(good.image_id)
+    pd.testing.assert_frame_equal(
+        scores[demo_local_run][keep].sort_values(["image_id", "structure", "metric"]).reset_index(drop=True),
+        scores[results][scores[results].image_id.isin(good.image_id)].sort_values(["image_id", "structure", "metric"]).reset_index(drop=True),
+        check_categorical=False,
+    )  # fmt: skip
+
+    # Flipped and tilted copies of the first station segment as well as the station itself.
+    dsc = scores[results][(scores[results].metric == "DSC") & (scores[results].structure == "Vertebra")].set_index("image_id").value
+    for image_id in variants.values():
+        assert abs(dsc[image_id] - dsc[template.image_id]) < 0.03, (image_id, dsc[image_id], dsc[template.image_id])
