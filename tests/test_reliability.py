@@ -156,3 +156,28 @@ def test_a_hostile_cohort_fails_only_its_bad_images(demo_local_run: Path, tmp_pa
     dsc = scores[results][(scores[results].metric == "DSC") & (scores[results].structure == "Vertebra")].set_index("image_id").value
     for image_id in variants.values():
         assert abs(dsc[image_id] - dsc[template.image_id]) < 0.03, (image_id, dsc[image_id], dsc[template.image_id])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_full_disk_fails_the_job_and_leaves_nothing_truncated(small_cohort: Path, tmp_path: Path):
+    """N4 of a batch writes onto a 2 MB tmpfs: room for one image, not four."""
+    from spinecohort import io
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=True)
+    try:
+        out = disk / "n4"
+        job = subprocess.run(["spinecohort", "bias-correct", "--manifest", str(small_cohort), "--batch", "b0001",
+                              "--out", str(out), "--iterations", "5", "--threads", "1"],
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert job.returncode != 0
+        assert "bias_correct stopped at sub-" in job.stderr and f"No space left on device (writing to {out})" in job.stderr
+        left = sorted(out.iterdir())
+        assert not (out / "ledger.tsv").exists()  # no ledger: the stage does not look finished, nor any image failed
+        assert left and not [p for p in left if ".tmp" in p.name]
+        for path in left:  # what was renamed is whole
+            image, _ = io.load_image(path)
+            assert image.shape[2] > 1
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

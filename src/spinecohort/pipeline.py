@@ -9,6 +9,7 @@ reason along. Files are written atomically (see `io.atomic_path`).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import shutil
@@ -53,6 +54,11 @@ def upstream_failures(upstream: list[Path]) -> dict[str, str]:
     return failed
 
 
+# Errors of the output storage, not of the image: the job fails (a rerun redoes it)
+# instead of recording a good image as failed.
+STORAGE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
 def run_stage(
     stage: str,
     rows: pd.DataFrame,
@@ -76,6 +82,8 @@ def run_stage(
             note = work(row)
             records.append((row.image_id, stage, "ok", note or ""))
         except Exception as exc:  # one image must never cost the batch
+            if isinstance(exc, OSError) and exc.errno in STORAGE_ERRORS:  # nor be blamed for the storage
+                raise OSError(exc.errno, f"{stage} stopped at {row.image_id}: {exc.strerror} (writing to {exc.filename or out})") from exc
             message = str(exc) if isinstance(exc, ValueError) else f"{row.image}: {type(exc).__name__}: {exc}"
             log.error("%s failed in %s: %s\n%s", row.image_id, stage, message, traceback.format_exc())
             records.append((row.image_id, stage, "failed", message))
