@@ -181,3 +181,40 @@ def test_a_full_disk_fails_the_job_and_leaves_nothing_truncated(small_cohort: Pa
             assert image.shape[2] > 1
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def _broken_model(folder: Path, how: str) -> Path:
+    import json
+    import shutil
+
+    model = folder / how
+    shutil.copytree(ROOT / "resources" / "demo_models" / "semantic", model)
+    config = json.loads((model / "inference_config.json").read_text())
+    if how == "missing_fold":
+        shutil.rmtree(model / "fold_2")
+    elif how == "unknown_label":
+        config["labels"]["3"] = 77
+    elif how == "more_labels_than_outputs":
+        config["labels"]["15"] = 49
+    (model / "inference_config.json").write_text(json.dumps(config))
+    return model
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("missing_fold", "fold(s) [2] asked for but missing"),
+        ("unknown_label", "inference_config.json maps to unknown SPINEPS label ids [77]"),
+        ("more_labels_than_outputs", "inference_config.json maps outputs [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]"
+                                     " but dataset.json gives the network 15 outputs"),
+    ],
+)  # fmt: skip
+def test_a_broken_model_stops_the_run_at_start_up(tmp_path: Path, how: str, message: str):
+    model = _broken_model(tmp_path, how)
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump({"semantic_model": {"path": str(model), "folds": [0, 1, 2]}, "results": str(tmp_path / "r")}))
+    run = subprocess.run(["snakemake", "--cores", "1", "--configfile", str(configfile)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode != 0
+    assert f"model folder {model}: {message}" in run.stdout + run.stderr
+    assert not (tmp_path / "r").exists()  # nothing ran
