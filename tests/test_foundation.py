@@ -35,6 +35,7 @@ def test_batches_survive_adding_subjects(tmp_path: Path):
         (lambda t: t.assign(image_id=["sub-1/../../etc"] + list(t.image_id[1:])), "unsafe image_id"),
         (lambda t: t.assign(image_id=["sub-1..x"] + list(t.image_id[1:])), "unsafe image_id"),
         (lambda t: t.assign(region=["neck"] + list(t.region[1:])), "region 'neck' is not one of"),
+        (lambda t: t.assign(batch=["../b0001"] + list(t.batch[1:])), "row 1: batch '../b0001' does not look like b0001"),
         (lambda t: pd.concat([t, t.iloc[:1]]), "duplicate image_id"),
     ],
 )
