@@ -113,10 +113,11 @@ def test_a_hostile_cohort_fails_only_its_bad_images(demo_local_run: Path, tmp_pa
     for name, (path, reason) in bad_images(folder, Path(template.image)).items():
         add(f"bad{name.replace('_', '')}", path, reason)
     # A good image whose reference is on another grid, or holds a label id that does not exist.
+    same = lambda d, a: (d, a)  # noqa: E731 (a copy: two rows may not share an image file)
     cropped = _variant(folder, template.reference_semantic, "cropped_ref", lambda d, a: (d[:, :, 1:].copy(), a))
-    add("badrefgrid", template.image, "is not on the grid", reference_semantic=str(cropped))
+    add("badrefgrid", _variant(folder, template.image, "refgrid", same), "is not on the grid", reference_semantic=str(cropped))
     mislabeled = _variant(folder, template.reference_semantic, "mislabeled_ref", _unknown_label)
-    add("badreflabel", template.image, "unknown label ids [77]", reference_semantic=str(mislabeled))
+    add("badreflabel", _variant(folder, template.image, "reflabel", same), "unknown label ids [77]", reference_semantic=str(mislabeled))
     # Valid but unusual geometry: left-right flipped voxel order, and a tilted (oblique) affine.
     references = {"reference_semantic": template.reference_semantic, "reference_instance": template.reference_instance}
     variants = {}
