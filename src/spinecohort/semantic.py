@@ -120,16 +120,17 @@ def check_model(folder: str | Path, folds: Sequence[int]) -> ModelConfig:
     missing = [f for f in folds if f not in model.folds or not (model.path / f"fold_{f}" / "checkpoint_final.pth").is_file()]
     if missing:
         raise ModelError(f"model folder {model.path}: fold(s) {missing} asked for but missing (available: {list(model.folds)})")
-    unknown = sorted(set(model.labels.values()) - set(L.SEMANTIC_LABELS))
+    mapped = {k: v for k, v in model.labels.items() if k != 0}  # an explicit background entry is harmless
+    unknown = sorted(set(mapped.values()) - set(L.SEMANTIC_LABELS))
     if unknown:
         raise ModelError(f"model folder {model.path}: inference_config.json maps to unknown SPINEPS label ids {unknown}")
     try:
         outputs = len(json.loads((model.path / "dataset.json").read_text())["labels"])
     except (OSError, KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"model folder {model.path}: no readable dataset.json ({type(exc).__name__}: {exc})") from None
-    if set(model.labels) != set(range(1, outputs)):
+    if set(mapped) != set(range(1, outputs)):
         raise ModelError(
-            f"model folder {model.path}: inference_config.json maps outputs {sorted(model.labels)}"
+            f"model folder {model.path}: inference_config.json maps outputs {sorted(mapped)}"
             f" but dataset.json gives the network {outputs} outputs (background and 1..{outputs - 1})"
         )
     return model
