@@ -1,7 +1,8 @@
-"""Reliability of whole workflow runs: killed jobs, reruns and determinism (issue 8).
+"""Reliability of whole workflow runs (issue 8): killed jobs and reruns, determinism, hostile
+inputs, a full disk and broken models.
 
-These run the real demo workflow with Snakemake and compare every final output, byte for
-byte, against the plain demo run of the `demo_local_run` fixture.
+The workflow runs are the real Snakemake; their final outputs are compared byte for byte
+with the plain demo run of the `demo_local_run` fixture.
 """
 
 from __future__ import annotations
@@ -53,8 +54,7 @@ def test_a_run_killed_in_every_stage_reruns_to_the_same_bytes(demo_local_run: Pa
     for stage in STAGES:
         killed = demo(tmp_path, SPINECOHORT_CRASH=f"{stage}:2", **hook)
         assert killed.returncode == -signal.SIGKILL, (stage, killed.returncode, killed.stderr[-2000:])
-        # the kill left a complete temporary file that was never renamed
-        assert list(tmp_path.rglob(".*.tmp*")), stage
+        assert list(tmp_path.rglob(".*.tmp*")), stage  # a temporary file, never renamed, is on disk
         assert demo(tmp_path, "--unlock").returncode == 0  # the dead Snakemake's lock stays behind
     finished = demo(tmp_path)
     assert finished.returncode == 0, finished.stderr[-3000:]
