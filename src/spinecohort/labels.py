@@ -63,6 +63,13 @@ INSTANCE_MASK_IDS: Final = frozenset(
 )
 
 
+def unknown_ids(mask, allowed: frozenset[int]) -> list[int]:
+    """The label ids in `mask` outside `allowed`, sorted (a reference that holds any is mislabeled)."""
+    import numpy as np
+
+    return sorted(set(np.unique(mask).tolist()) - allowed)
+
+
 def level_sequence(*, thoracic: int = 12, lumbar: int = 5, first: str = "C1") -> list[int]:
     """Instance ids of a column from `first` down to the sacrum, top first.
 

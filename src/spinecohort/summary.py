@@ -58,7 +58,7 @@ def _load_pair(pred_path: Path, ref_path: Path, allowed: frozenset[int]):
     ref, ref_affine = io.load_mask(ref_path)
     if problem := geometry_mismatch(pred_path, pred.shape, pred_affine, ref_path, ref.shape, ref_affine):
         raise ValueError(problem)
-    if unknown := sorted(set(np.unique(ref).tolist()) - allowed):
+    if unknown := L.unknown_ids(ref, allowed):
         raise ValueError(f"{ref_path}: reference has unknown label ids {unknown}")
     from .geometry import spacing_of
 

@@ -54,11 +54,6 @@ class TrainingManifestError(ValueError):
 # --- the training manifest --------------------------------------------------------
 
 
-def _unknown_ids(path: str, allowed: frozenset[int]) -> list[int]:
-    mask, _ = io.load_mask(path)
-    return sorted(set(np.unique(mask).tolist()) - allowed)
-
-
 def check_training_manifest(table: pd.DataFrame, *, references: Sequence[str], source: str = "training manifest") -> pd.DataFrame:
     """The manifest if every row has the `references` columns filled and only known label ids in them.
 
@@ -74,7 +69,7 @@ def check_training_manifest(table: pd.DataFrame, *, references: Sequence[str], s
                 problems.append(f"row {n} ({row.image_id}): no {column}")
                 continue
             try:
-                if unknown := _unknown_ids(path, allowed[column]):
+                if unknown := L.unknown_ids(io.load_mask(path)[0], allowed[column]):
                     problems.append(f"row {n} ({row.image_id}): {column} has unknown label ids {unknown}")
             except ValueError as exc:  # ImageError: unreadable or malformed mask
                 problems.append(f"row {n} ({row.image_id}): {exc}")
@@ -263,14 +258,15 @@ def train_semantic_fold(
     plans = io.read_json(preprocessed / "nnUNetPlans.json")
     plans["continue_training"] = False  # nnU-Net 2.8 pops this key in __init__
     torch.manual_seed(seed * 1000 + fold)
-    trainer = nnUNetTrainerNoMirroring(plans, CONFIGURATION, fold, io.read_json(preprocessed / "dataset.json"), device=pick_device(device))
+    dataset = io.read_json(preprocessed / "dataset.json")
+    trainer = nnUNetTrainerNoMirroring(plans, CONFIGURATION, fold, dataset, device=pick_device(device))
     trainer.num_epochs = epochs
     trainer.num_iterations_per_epoch = iterations_per_epoch
     trainer.num_val_iterations_per_epoch = val_iterations_per_epoch
     if pretrained is not None:
         trainer.initialize()
         network = getattr(trainer.network, "_orig_mod", trainer.network)
-        network.load_state_dict(pretrained_weights(pretrained, fold, io.read_json(preprocessed / "dataset.json")))
+        network.load_state_dict(pretrained_weights(pretrained, fold, dataset))
     trainer.run_training()
     return Path(trainer.output_folder) / "checkpoint_final.pth"
 
