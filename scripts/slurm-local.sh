@@ -20,6 +20,15 @@ CHANGED=0
 
 log() { echo "slurm-local: $*" >&2; }
 
+# md5 of the files that exist among "$@" (none yet on a fresh machine: a plain
+# `cat missing | md5sum` fails the pipe under pipefail and ends the script).
+digest() {
+    local f
+    for f in "$@"; do
+        if [[ -f $f ]]; then cat "$f"; fi
+    done | md5sum
+}
+
 install_packages() {
     local missing=()
     for pkg in munge slurmctld slurmd slurm-client slurmdbd mariadb-server; do
@@ -40,7 +49,7 @@ write_config() {
         [[ -e $STATE/fakegpu/gpu$i ]] || mknod "$STATE/fakegpu/gpu$i" c 195 "$i"
     done
     local before
-    before=$(cat "$CONF/slurm.conf" "$CONF/gres.conf" 2>/dev/null | md5sum)
+    before=$(digest "$CONF/slurm.conf" "$CONF/gres.conf")
     cat > "$CONF/slurm.conf" <<EOF
 # Written by scripts/slurm-local.sh: a one-node test cluster.
 ClusterName=local
@@ -72,7 +81,7 @@ PartitionName=cpu Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=$NODE MaxTime=INFINITE State=UP
 EOF
     echo "NodeName=$NODE Name=gpu Type=fake File=$STATE/fakegpu/gpu[0-1]" > "$CONF/gres.conf"
-    [[ $before == "$(cat "$CONF/slurm.conf" "$CONF/gres.conf" | md5sum)" ]] || CHANGED=1
+    [[ $before == "$(digest "$CONF/slurm.conf" "$CONF/gres.conf")" ]] || CHANGED=1
     cat > "$CONF/slurmdbd.conf" <<EOF
 DbdHost=localhost
 SlurmUser=slurm
@@ -109,6 +118,13 @@ up() {
     mkdir -p /run/munge /run/mysqld
     chown munge:munge /run/munge
     chown mysql:mysql /run/mysqld
+    # Debian's postinst creates the data directory; a container image may have lost it.
+    if [[ ! -d /var/lib/mysql/mysql ]]; then
+        log "initialising the MariaDB data directory"
+        mkdir -p /var/lib/mysql && chown mysql:mysql /var/lib/mysql
+        mariadb-install-db --user=mysql --datadir=/var/lib/mysql --skip-test-db >"$STATE/mariadb-install.log" 2>&1
+    fi
+    touch "$STATE/mariadb.log" && chown mysql:mysql "$STATE/mariadb.log"  # mariadbd writes it as mysql
     start munged /run/munge/munged.pid runuser -u munge -- munged
     start mariadbd /run/mysqld/mysqld.pid setsid -f mariadbd --user=mysql --pid-file=/run/mysqld/mysqld.pid \
         --socket=/run/mysqld/mysqld.sock --skip-networking=0 --bind-address=127.0.0.1 --log-error=$STATE/mariadb.log
@@ -116,7 +132,10 @@ up() {
     mariadb -e "CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'slurm';
                 GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost'; FLUSH PRIVILEGES;"
     start slurmdbd /run/slurm/slurmdbd.pid slurmdbd
-    for _ in $(seq 50); do sacctmgr -n list cluster >/dev/null 2>&1 && break; sleep 0.2; done
+    # (each try bounded: sacctmgr blocks for minutes when slurmdbd died at start)
+    for _ in $(seq 50); do timeout 5 sacctmgr -n list cluster >/dev/null 2>&1 && break; sleep 0.2; done
+    timeout 5 sacctmgr -n list cluster >/dev/null 2>&1 ||
+        { log "slurmdbd does not answer: $(tail -n 3 /var/log/slurm/slurmdbd.log 2>/dev/null)"; exit 1; }
     sacctmgr -i -Q add cluster local >/dev/null 2>&1 || true
     sacctmgr -i -Q add account localacct cluster=local >/dev/null 2>&1 || true
     sacctmgr -i -Q add user "$(id -un)" account=localacct cluster=local >/dev/null 2>&1 || true

@@ -30,6 +30,39 @@ def cluster():
     subprocess.run(["bash", ROOT / "scripts" / "slurm-local.sh", "down"], check=False, timeout=120)
 
 
+# Everything the setup script writes or reads as state. Over each an empty tmpfs, in new mount,
+# network and pid namespaces: the machine looks as if SLURM had never been set up (the Debian
+# packages stay), the test's daemons cannot meet the module cluster's, and all die with the namespace.
+FRESH_STATE = ["/etc/slurm", "/var/lib/slurm", "/var/lib/slurm-local", "/var/log/slurm", "/var/lib/mysql", "/run"]
+FRESH_MACHINE = f"""set -euo pipefail
+for d in {' '.join(FRESH_STATE)}; do mkdir -p "$d"; mount -t tmpfs tmpfs "$d"; done
+# slurmdbd does not bind with loopback as the only interface (as on any real machine, give it one more)
+ip link add sc0 type veth peer name sc1 && ip addr add 10.254.0.1/24 dev sc0 && ip link set sc1 up && ip link set sc0 up
+ip link set lo up
+bash {ROOT / 'scripts' / 'slurm-local.sh'} up
+bash {ROOT / 'scripts' / 'slurm-local.sh'} up  # idempotent
+test "$(ls /etc/slurm | sort | tr '\\n' ' ')" = "gres.conf slurm.conf slurmdbd.conf "
+sinfo -h -o '%P %T %G'
+job=$(sbatch --parsable --partition=gpu --gpus=1 --wait --wrap 'echo "gpu=$CUDA_VISIBLE_DEVICES"' --output=/run/job.out)
+cat /run/job.out
+for _ in $(seq 50); do state=$(sacct -X -n -P -j "$job" -o State); [[ $state == COMPLETED ]] && break; sleep 0.2; done
+echo "sacct=$state"
+"""
+
+
+def test_cluster_setup_works_where_slurm_was_never_set_up():
+    """`slurm-local.sh up` from empty /etc/slurm, state and database folders: a fresh CI machine."""
+    if shutil.which("apt-get") is None or shutil.which("unshare") is None:
+        pytest.fail("the fresh-machine SLURM test needs a Debian machine with unshare (util-linux)")
+    run = subprocess.run(["unshare", "--mount", "--net", "--pid", "--fork", "--mount-proc", "bash", "-c", FRESH_MACHINE],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    lines = run.stdout.split("\n")
+    assert "cpu* idle gpu:fake:2" in lines and "gpu idle gpu:fake:2" in lines, run.stdout
+    assert "gpu=0" in lines and "sacct=COMPLETED" in lines, run.stdout
+    assert "Permission denied" not in run.stderr, run.stderr[-3000:]
+
+
 def snakemake_slurm(results: Path, *extra: str, timeout: int = 1500) -> subprocess.CompletedProcess:
     cmd = ["snakemake", "--profile", "profiles/slurm", "--config", f"results={results}", *TEST_OVERRIDES, *extra]
     # A hung snakemake ignores SIGTERM at times (research notes): kill the group hard on timeout.
