@@ -10,9 +10,12 @@ inferior, so "above" means a smaller index on axis 1):
    0 background / 1 vertebra above / 2 centre vertebra / 3 vertebra below.
 3. `merge_predictions`: masks of the same vertebra from neighbouring cutouts are
    paired by overlap and merged by votes into one instance per vertebra.
-4. `finish_instances` and `number_instances`: clean-up, levels where an anchor
-   is visible (a cervical station's top vertebra C2; S1 in a lumbar station),
-   IVD 100+X and endplate 200+X after the nearest vertebra above.
+4. `finish_instances` and `number_instances`: clean-up; fragments (specks,
+   pieces far smaller than their neighbours) get no id; levels where an anchor
+   passes its checks (a cervical station's complete top vertebra is C2; a
+   lumbar station's sacrum of plausible size below the lowest vertebra is S1),
+   else a count from 2 (see `vertebra_levels`); IVD 100+X and endplate 200+X
+   after the nearest vertebra above.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import numpy as np
 from numpy.typing import NDArray
@@ -30,14 +34,19 @@ from . import labels as L
 
 __all__ = [
     "InstanceModel",
+    "Numbering",
     "Predictor",
     "assemble",
+    "claim_instances",
+    "choose_numbering",
+    "drop_fragments",
     "corpus_centres",
     "cutout_predictions",
     "finish_instances",
     "merge_predictions",
     "network_input",
     "number_instances",
+    "vertebra_levels",
     "read_instance_model",
 ]
 
@@ -57,7 +66,16 @@ class InstanceModel:
     spacing: tuple[float, float, float]
     cutout: tuple[int, int, int]
     corpus_min_voxels: int = 100
-    vertebra_min_voxels: int = 250
+    vertebra_min_voxels: int = 250  # SPINEPS's vert_size_threshold, in voxels of `spacing`
+
+    @property
+    def voxel_mm3(self) -> float:
+        return float(np.prod(self.spacing))
+
+    @property
+    def vertebra_min_mm3(self) -> float:
+        """Smallest vertebra piece kept, in mm³ (SPINEPS: 250 voxels at (0.75, 0.75, 1.65) mm, 232 mm³)."""
+        return self.vertebra_min_voxels * self.voxel_mm3
 
     @property
     def checkpoint(self) -> Path:
@@ -286,57 +304,208 @@ def _one_owner_per_articular_process(instance: NDArray[np.uint16], seg: NDArray[
                 instance[box][piece] = int(np.argmax(owners))
 
 
-def _centroid_i(mask: NDArray[np.bool_]) -> float:
-    return float(np.argwhere(mask)[:, 1].mean())
+# A vertebra that touches no border yet has under this fraction of its neighbours' median volume
+# is a fragment (a speck above C2, a piece of the sacrum's top), not a vertebra.
+FRAGMENT_FRACTION: Final = 0.25
+# An anchor vertebra (C2) or sacrum needs at least this fraction of its neighbours' volume.
+ANCHOR_FRACTION: Final = 0.5
+NUMBERING_MODES: Final = ("C2", "sacrum", "count")
 
 
-def vertebra_levels(n: int, region: str, *, top_is_c2: bool, has_sacrum: bool) -> tuple[list[int], str]:
-    """Instance ids for n vertebrae, top first, and a note when no anchor fixes the levels."""
-    if region == "lumbar" and has_sacrum:
-        above_s1 = L.level_sequence()[:-1]  # C1 ... L5
-        if n <= len(above_s1):
-            return above_s1[-n:], ""
-    if region == "cervical" and top_is_c2:
-        seq = L.level_sequence(first="C2")
-        if n < len(seq):
-            return seq[:n], ""
-    return list(range(1, n + 1)), "no anchor (C2 at the top, or the sacrum) visible: vertebra ids are a top-down count, not levels"
+@dataclass(frozen=True)
+class Numbering:
+    """How a station's vertebrae were numbered: "C2" or "sacrum" (anchored levels) or "count", and why."""
+
+    mode: str
+    reason: str = ""
 
 
-def number_instances(instance: NDArray[np.integer], seg: NDArray[np.integer], region: str) -> tuple[NDArray[np.uint16], str]:
-    """Final ids: vertebrae by level (or a count), sacrum 26, IVD 100+X and endplate 200+X after the vertebra above."""
-    ids = [int(k) for k in np.unique(instance) if k]
-    centre_i = {k: c[1] for k, c in zip(ids, ndimage.center_of_mass(instance > 0, instance, ids))}
-    order = sorted(ids, key=centre_i.__getitem__)
-    discs = _components(seg == L.IVD, 1)
-    # C1/C2 have no disc: nothing above C2.
-    top_is_c2 = bool(order) and not any(c[:, 1].mean() < centre_i[order[0]] for c in discs)
-    sacrum = seg == L.SACRUM
-    levels, note = vertebra_levels(len(order), region, top_is_c2=top_is_c2, has_sacrum=bool(sacrum.any()))
-    out = np.zeros(instance.shape, np.uint16)
+@dataclass(frozen=True)
+class _Vertebra:
+    id: int  # id in the merged instance mask
+    mm3: float
+    centre_i: float  # position along the column (axis 1) of its body, or of all of it without a body
+    at_border: bool  # touches the in-plane border (axes 0, 1) of the field of view
+
+
+def _vertebrae(instance: NDArray[np.integer], seg: NDArray[np.integer], voxel_mm3: float) -> list[_Vertebra]:
+    """The instances top first, with what numbering needs to know of them."""
+    out = []
     corpus = seg == L.CORPUS
-    vertebrae = []  # (I position of the body, level)
-    for k, level in zip(order, levels):
-        mine = instance == k
-        out[mine] = level
-        body = mine & corpus
-        vertebrae.append((_centroid_i(body if body.any() else mine), level))
-    vertebrae.sort()
-    out[sacrum] = L.SACRUM
+    for k, box in enumerate(ndimage.find_objects(instance), start=1):
+        if box is None:
+            continue
+        mine = instance[box] == k
+        body = mine & corpus[box]
+        where = np.argwhere(body if body.any() else mine)
+        at_border = any(box[a].start == 0 or box[a].stop == instance.shape[a] for a in (0, 1))
+        out.append(_Vertebra(k, float(mine.sum()) * voxel_mm3, float(where[:, 1].mean()) + box[1].start, at_border))
+    return sorted(out, key=lambda v: v.centre_i)
+
+
+def _neighbour_median(volumes: Sequence[float], k: int, reach: int) -> float:
+    others = [*volumes[max(0, k - reach) : k], *volumes[k + 1 : k + 1 + reach]]
+    return float(np.median(others)) if others else float("nan")
+
+
+def drop_fragments(vertebrae: list[_Vertebra], min_mm3: float) -> tuple[list[_Vertebra], list[_Vertebra]]:
+    """(kept, dropped): pieces under `min_mm3`, and border-free pieces far smaller than their neighbours."""
+    kept = [v for v in vertebrae if v.mm3 >= min_mm3]
+    volumes = [v.mm3 for v in kept]
+    fragments = [v for k, v in enumerate(kept)
+                 if not v.at_border and v.mm3 < FRAGMENT_FRACTION * _neighbour_median(volumes, k, 2)]
+    kept = [v for v in kept if v not in fragments]
+    return kept, [v for v in vertebrae if v not in kept]
+
+
+def _c2_problem(vertebrae: list[_Vertebra], discs: list[NDArray[np.int64]]) -> str:
+    """Why the top vertebra cannot be C2 ('' when it can); `discs`: the IVDs large enough to count."""
+    top = vertebrae[0]
+    if top.at_border:
+        return "the top vertebra touches the image border"
+    if any(d[:, 1].mean() < top.centre_i for d in discs):  # C1 and C2 have no disc between them
+        return "an IVD lies above the top vertebra"
+    below = _neighbour_median([v.mm3 for v in vertebrae[:4]], 0, 3)
+    if top.mm3 < ANCHOR_FRACTION * below:
+        return f"the top vertebra ({top.mm3:.0f} mm³) is small against the next three (median {below:.0f} mm³)"
+    return ""
+
+
+def _sacrum_problem(vertebrae: list[_Vertebra], sacrum: NDArray[np.bool_], voxel_mm3: float) -> str:
+    """Why the sacrum cannot anchor the lumbar levels ('' when it can)."""
+    if not sacrum.any():
+        return "no sacrum in view"
+    lowest = vertebrae[-1]
+    mm3 = float(sacrum.sum()) * voxel_mm3
+    if mm3 < ANCHOR_FRACTION * lowest.mm3:
+        return f"the sacrum ({mm3:.0f} mm³) is small against the lowest vertebra ({lowest.mm3:.0f} mm³)"
+    if np.argwhere(sacrum)[:, 1].mean() <= lowest.centre_i:
+        return "the sacrum is not below the lowest vertebra"
+    return ""
+
+
+def choose_numbering(region: str, vertebrae: list[_Vertebra], discs: list[NDArray[np.int64]],
+                     sacrum: NDArray[np.bool_], voxel_mm3: float) -> Numbering:
+    """The station's anchor: C2 (cervical) or the sacrum (lumbar) when it passes its checks, else a count."""
+    if not vertebrae:
+        return Numbering("count", "no vertebra")
+    if region == "cervical":
+        problem = _c2_problem(vertebrae, discs)
+        return Numbering("count", f"C2 anchor rejected: {problem}") if problem else Numbering("C2")
+    if region == "lumbar":
+        problem = _sacrum_problem(vertebrae, sacrum, voxel_mm3)
+        return Numbering("count", f"sacrum anchor rejected: {problem}") if problem else Numbering("sacrum")
+    return Numbering("count", f"{region} station: no anchor (C2 or sacrum) in view")
+
+
+def vertebra_levels(n: int, mode: str) -> tuple[list[int], int]:
+    """Ids of n vertebrae, top first, and the id before the top one (the disc and endplate above it are 100+/200+ that).
+
+    A count numbers from 2, so that the disc above the top vertebra is 101, never a bare 100.
+
+    >>> vertebra_levels(3, "C2")
+    ([2, 3, 4], 1)
+    >>> vertebra_levels(3, "sacrum")
+    ([22, 23, 24], 21)
+    >>> vertebra_levels(3, "count")
+    ([2, 3, 4], 1)
+    """
+    if mode == "count":
+        if n > L.SACRUM - 2:
+            raise ValueError(f"{n} vertebrae in one station: more than a count can number below the sacrum id")
+        return list(range(2, n + 2)), 1
+    column = L.level_sequence()[:-1]  # C1 ... L5
+    if mode == "C2":
+        column = column[column.index(L.VERTEBRA_IDS["C2"]) - 1 :]
+        levels = column[1 : n + 1]
+    elif mode == "sacrum":
+        levels = column[-n:] if n < len(column) else []
+    else:
+        raise ValueError(f"unknown numbering mode {mode!r}; expected one of {NUMBERING_MODES}")
+    if len(levels) != n:
+        raise ValueError(f"{n} vertebrae do not fit between {mode} and the end of the column")
+    return levels, column[column.index(levels[0]) - 1]
+
+
+def number_instances(instance: NDArray[np.integer], seg: NDArray[np.integer], region: str, *,
+                     voxel_mm3: float, min_mm3: float) -> tuple[NDArray[np.uint16], Numbering]:
+    """Final ids: vertebrae by level (or a count), sacrum 26, IVD 100+X and endplate 200+X after the vertebra above.
+
+    Fragments (see `drop_fragments`) and sacrum pieces under `min_mm3` get no id; restoring counts their voxels.
+    """
+    vertebrae, _ = drop_fragments(_vertebrae(instance, seg, voxel_mm3), min_mm3)
+    min_voxels = max(1, int(np.ceil(min_mm3 / voxel_mm3)))
+    discs = _components(seg == L.IVD, 1)
+    sacrum = np.zeros(seg.shape, bool)
+    for piece in _components(seg == L.SACRUM, min_voxels):
+        sacrum[tuple(piece.T)] = True
+    numbering = choose_numbering(region, vertebrae, [d for d in discs if len(d) >= min_voxels], sacrum, voxel_mm3)
+    levels, before_top = vertebra_levels(len(vertebrae), numbering.mode)
+    lut = np.zeros(int(instance.max()) + 1, np.uint16)  # merged id -> level; fragments -> 0
+    for v, level in zip(vertebrae, levels):
+        lut[v.id] = level
+    out = lut[instance]
+    if sacrum.any() and (not vertebrae or np.argwhere(sacrum)[:, 1].mean() > vertebrae[-1].centre_i):
+        out[sacrum] = L.SACRUM  # a "sacrum" above the lowest vertebra is not one
+    placed = [(v.centre_i, level) for v, level in zip(vertebrae, levels)]
     for components, offset in ((discs, L.IVD_OFFSET), (_components(seg == L.ENDPLATE, 1), L.ENDPLATE_OFFSET)):
         for comp in components:
-            above = [level for i, level in vertebrae if i < comp[:, 1].mean()]
-            x = above[-1] if above else (min(level for _, level in vertebrae) - 1 if vertebrae else 0)
-            out[tuple(comp.T)] = offset + x
-    return out, note
+            above = [level for i, level in placed if i < comp[:, 1].mean()]
+            out[tuple(comp.T)] = offset + (above[-1] if above else before_top)
+    if unknown := L.unknown_ids(out, L.INSTANCE_MASK_IDS):  # a bug, never the image's fault
+        raise AssertionError(f"instance ids outside the SPINEPS scheme: {unknown}")
+    return out, numbering
 
 
-def assemble(seg: NDArray[np.integer], model: InstanceModel, predictor: Predictor, region: str) -> tuple[NDArray[np.uint16], str]:
-    """Semantic mask (instance space) -> numbered instance mask and a note for the ledger ('' when all is well)."""
+# Semantic labels and the instance ids that may claim them.
+_CLAIMS: Final = (
+    (L.VERTEBRA_PARTS, lambda ids: (ids > 0) & (ids < L.IVD_OFFSET) & (ids != L.SACRUM)),
+    ((L.SACRUM,), lambda ids: ids == L.SACRUM),
+    ((L.IVD,), lambda ids: (ids >= L.IVD_OFFSET) & (ids < L.ENDPLATE_OFFSET)),
+    ((L.ENDPLATE,), lambda ids: ids >= L.ENDPLATE_OFFSET),
+)
+
+
+def claim_instances(semantic: NDArray[np.integer], instance: NDArray[np.integer], spacing: Sequence[float], *,
+                    radius_mm: float) -> tuple[NDArray[np.uint16], int]:
+    """Instance ids for exactly the structure voxels of `semantic` (vertebra parts, sacrum, IVD, endplate).
+
+    Both masks arrive on one grid by separate resamplings, so their edges differ by
+    a voxel or so. Each structure voxel takes the id of the nearest instance voxel
+    of its kind (vertebra, sacrum, IVD, endplate) within `radius_mm`. A voxel with
+    none in reach is removed from `semantic` (in place), so that the two masks
+    still coincide; returns the ids and the number of voxels removed.
+    """
+    out = np.zeros(semantic.shape, np.uint16)
+    unclaimed = 0
+    margin = [int(np.ceil(radius_mm / s)) for s in spacing]
+    for labels, claims in _CLAIMS:
+        wanted = np.isin(semantic, labels)
+        if not wanted.any():
+            continue
+        owners = claims(instance)
+        both = np.argwhere(wanted | owners)
+        box = tuple(slice(max(0, lo - m), hi + m + 1) for lo, hi, m in zip(both.min(0), both.max(0), margin))
+        want, own, ids = wanted[box], owners[box], instance[box]
+        claimed = np.where(want & own, ids, 0).astype(np.uint16)
+        todo = want & ~own
+        if todo.any() and own.any():
+            distance, nearest = ndimage.distance_transform_edt(~own, sampling=spacing, return_indices=True)
+            reach = todo & (distance <= radius_mm)
+            claimed[reach] = ids[tuple(axis[reach] for axis in nearest)]
+        lost = want & (claimed == 0)
+        unclaimed += int(lost.sum())
+        semantic[box][lost] = 0
+        out[box][want] = claimed[want]
+    return out, unclaimed
+
+
+def assemble(seg: NDArray[np.integer], model: InstanceModel, predictor: Predictor, region: str) -> tuple[NDArray[np.uint16], Numbering]:
+    """Semantic mask (instance space) -> numbered instance mask and how it was numbered."""
     centres = corpus_centres(seg, min_voxels=model.corpus_min_voxels)
     if len(centres) == 0:
-        return np.zeros(seg.shape, np.uint16), "no vertebral body (label 49) in the semantic mask: empty instance mask"
+        return np.zeros(seg.shape, np.uint16), Numbering("count", "no vertebral body (label 49) in the semantic mask: empty instance mask")
     predictions = cutout_predictions(seg, centres, model.cutout, predictor)
     merged = merge_predictions(predictions, seg.size).reshape(seg.shape)
     finished = finish_instances(merged, seg, min_voxels=model.vertebra_min_voxels)
-    return number_instances(finished, seg, region)
+    return number_instances(finished, seg, region, voxel_mm3=model.voxel_mm3, min_mm3=model.vertebra_min_mm3)

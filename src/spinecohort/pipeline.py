@@ -1,8 +1,8 @@
 """Batch drivers: each workflow stage runs over one batch of the manifest.
 
 Every image is processed on its own: a failure is written to the stage's
-ledger (``<out>/ledger.tsv``: image_id, stage, status, message) and the batch
-goes on. Later stages skip images that an earlier stage failed, carrying the
+ledger (``<out>/ledger.tsv``: image_id, stage, status, message, then the
+stage's own fact columns, e.g. ``numbering``) and the batch goes on. Later stages skip images that an earlier stage failed, carrying the
 reason along. Files are written atomically (see `io.atomic_path`).
 """
 
@@ -28,6 +28,10 @@ from .metrics import ASSD_DEFINITIONS
 log = logging.getLogger("spinecohort")
 
 LEDGER = "ledger.tsv"
+LEDGER_COLUMNS = ["image_id", "stage", "status", "message"]
+# What a stage's work returns for an image: nothing, a note (the ledger message), or
+# the message and fact columns of the stage's ledger ({"message": …, "numbering": …}).
+Outcome = str | dict[str, str] | None
 
 
 def model_folder(path: str | Path) -> Path:
@@ -54,6 +58,12 @@ def upstream_failures(upstream: list[Path]) -> dict[str, str]:
     return failed
 
 
+def ledger_facts(folder: Path, column: str) -> dict[str, str]:
+    """image_id -> a fact column of a stage's ledger (absent when no image got that far)."""
+    ledger = pd.read_csv(folder / LEDGER, sep="\t", dtype=str, keep_default_na=False)
+    return dict(zip(ledger.image_id, ledger[column])) if column in ledger else {}
+
+
 # Errors of the output storage, not of the image: the job fails (a rerun redoes it)
 # instead of recording a good image as failed.
 STORAGE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
@@ -63,31 +73,34 @@ def run_stage(
     stage: str,
     rows: pd.DataFrame,
     out: Path,
-    work: Callable[[pd.Series], str | None],
+    work: Callable[[pd.Series], Outcome],
     *,
     upstream: list[Path] = (),  # type: ignore[assignment]
 ) -> pd.DataFrame:
     """Apply `work` to every row; record ok/failed/skipped per image in `out/ledger.tsv`.
 
-    `work` may return a note (e.g. "no anchor visible"), kept as the message of an ok row.
+    `work` may return a note (e.g. "no anchor visible"), kept as the message of an ok row,
+    or a dict of the message and fact columns (empty in rows that lack them).
     """
     out.mkdir(parents=True, exist_ok=True)
     failed_before = upstream_failures(list(upstream))
-    records = []
+    records: list[dict[str, str]] = []
     for _, row in rows.iterrows():
+        record = {"image_id": row.image_id, "stage": stage}
         if row.image_id in failed_before:
-            records.append((row.image_id, stage, "skipped", failed_before[row.image_id]))
+            records.append({**record, "status": "skipped", "message": failed_before[row.image_id]})
             continue
         try:
-            note = work(row)
-            records.append((row.image_id, stage, "ok", note or ""))
+            outcome = work(row)
+            facts = outcome if isinstance(outcome, dict) else {"message": outcome or ""}
+            records.append({**record, "status": "ok", "message": "", **facts})
         except Exception as exc:  # one image must never cost the batch
             if isinstance(exc, OSError) and exc.errno in STORAGE_ERRORS:  # nor be blamed for the storage
                 raise OSError(exc.errno, f"{stage} stopped at {row.image_id}: {exc.strerror} (writing to {exc.filename or out})") from exc
             message = str(exc) if isinstance(exc, ValueError) else f"{row.image}: {type(exc).__name__}: {exc}"
             log.error("%s failed in %s: %s\n%s", row.image_id, stage, message, traceback.format_exc())
-            records.append((row.image_id, stage, "failed", message))
-    ledger = pd.DataFrame(records, columns=["image_id", "stage", "status", "message"])
+            records.append({**record, "status": "failed", "message": message})
+    ledger = pd.DataFrame(records, columns=list(dict.fromkeys([*LEDGER_COLUMNS, *(k for r in records for k in r)]))).fillna("")
     io.write_tsv(out / LEDGER, ledger)
     log.info("%s: %d ok, %d failed, %d skipped", stage, *(int((ledger.status == s).sum()) for s in ("ok", "failed", "skipped")))
     return ledger
@@ -166,12 +179,12 @@ def _assemble_instances(args: argparse.Namespace) -> None:
     predictor = NetworkPredictor(model.checkpoint, device=pick_device(args.device))
     log.info("instance model %s on device %s", model.checkpoint, predictor.device)
 
-    def work(row: pd.Series) -> str:
+    def work(row: pd.Series) -> Outcome:
         seg, affine = io.load_mask(args.input / f"{row.image_id}_seg-spine-raw_msk.nii.gz")
         grid = target_grid(seg.shape, affine, model.orientation, model.spacing)
-        instance, note = assemble(resample(seg, affine, grid, kind="nearest"), model, predictor, row.region)
+        instance, numbering = assemble(resample(seg, affine, grid, kind="nearest"), model, predictor, row.region)
         io.save_nifti(args.out / f"{row.image_id}_seg-vert-raw_msk.nii.gz", instance, grid[1], dtype=np.uint16)
-        return note
+        return {"message": numbering.reason, "numbering": numbering.mode}
 
     run_stage("assemble_instances", batch_rows(args.manifest, args.batch), args.out, work, upstream=[args.input])
 
@@ -183,9 +196,9 @@ def derivative_path(root: Path, row: pd.Series, seg: str, suffix: str = "msk.nii
 
 
 def _level_names(instance: np.ndarray, counted: bool) -> dict[int, str]:
-    """Legend names: levels (C2, L5/S1 …), or '#k' where the ids are only a count."""
+    """Legend names: levels (C2, L5/S1 …), or '#k' (k-th from the top) where the ids are a count from 2."""
     def name(x: int) -> str:
-        return f"#{x}" if counted else L_NAMES.get(x, str(x))
+        return f"#{x - 1}" if counted else L_NAMES.get(x, str(x))
     names = {}
     for v in np.unique(instance):
         v = int(v)
@@ -199,34 +212,39 @@ def _level_names(instance: np.ndarray, counted: bool) -> dict[int, str]:
 
 
 def _restore(args: argparse.Namespace) -> None:
-    from .geometry import resample
+    from .geometry import resample, spacing_of
+    from .instances import claim_instances
     from .qc import snapshot_png
 
-    notes = pd.read_csv(args.instances / LEDGER, sep="\t", dtype=str, keep_default_na=False).set_index("image_id")["message"]
+    numbering = ledger_facts(args.instances, "numbering")
 
-    def work(row: pd.Series) -> None:
+    def work(row: pd.Series) -> Outcome:
         image, affine = io.load_image(row.image)
         seg, seg_affine = io.load_mask(args.input / f"{row.image_id}_seg-spine-raw_msk.nii.gz")
         semantic = resample(seg, seg_affine, (image.shape, affine), kind="nearest")
         vert, vert_affine = io.load_mask(args.instances / f"{row.image_id}_seg-vert-raw_msk.nii.gz")
-        instance = resample(vert, vert_affine, (image.shape, affine), kind="nearest")
-        instance[semantic == 0] = 0
+        # Ids on the input grid, for exactly the semantic mask's structure voxels (SPINEPS's masks coincide too).
+        instance, unclaimed = claim_instances(semantic, resample(vert, vert_affine, (image.shape, affine), kind="nearest"),
+                                              spacing_of(affine), radius_mm=2 * max(spacing_of(vert_affine)))
         io.save_nifti(derivative_path(args.derivatives, row, "spine"), semantic, affine, dtype=np.uint8)
         io.save_nifti(derivative_path(args.derivatives, row, "vert"), instance, affine, dtype=np.uint16)
-        counted = "top-down count" in notes.get(row.image_id, "")
+        mode = numbering[row.image_id]
         snapshot = derivative_path(args.derivatives, row, "vert", "snp.png")
-        snapshot_png(snapshot, image, instance, affine, title=f"{row.image_id} ({row.region})",
-                     names=_level_names(instance, counted))
+        snapshot_png(snapshot, image, instance, affine, title=f"{row.image_id} ({row.region}, {mode})",
+                     names=_level_names(instance, counted=mode == "count"))
         with io.atomic_path(args.out / snapshot.name) as tmp:  # the report's copy, next to the ledger
             shutil.copyfile(snapshot, tmp)
+        note = f"{unclaimed} structure voxels no instance claims: removed from both masks" if unclaimed else ""
+        return {"message": note, "numbering": mode, "unclaimed_voxels": str(unclaimed)}
 
     run_stage("restore", batch_rows(args.manifest, args.batch), args.out, work, upstream=[args.input, args.instances])
 
 
 def _score(args: argparse.Namespace) -> None:
-    from .summary import image_score_rows, instance_score_rows, write_scores
+    from .summary import image_score_rows, instance_score_rows, level_score_rows, write_scores
 
     rows = batch_rows(args.manifest, args.batch)
+    numbering = ledger_facts(args.input, "numbering")
     with_reference = rows[(rows["reference_semantic"] != "") | (rows["reference_instance"] != "")]
     log.info("%d of %d images have a reference mask", len(with_reference), len(rows))
     parts = []
@@ -239,6 +257,8 @@ def _score(args: argparse.Namespace) -> None:
         if row.reference_instance:
             pred = derivative_path(args.derivatives, row, "vert")
             scored.append(instance_score_rows(row, pred, Path(row.reference_instance), args.assd))
+            scored.append(level_score_rows(row, pred, Path(row.reference_instance), numbering[row.image_id],
+                                           Path(row.reference_semantic) if row.reference_semantic else None))
         parts.extend(scored)
 
     run_stage("score", with_reference, args.out, work, upstream=[args.input])
@@ -260,6 +280,7 @@ def _summarize(args: argparse.Namespace) -> None:
     counts = ", ".join(f"{r}: n={n[r]}" for r in REGIONS if r in n)
     caption = f"DSC and ASSD (mm), mean ± SD over images per station ({counts})"
     summary.write_table_s1(s1, args.out, caption)
+    summary.write_levels_table(summary.levels_table(scores), args.out)
     summary.box_plots(scores, args.out, args.structures)
     io.write_tsv(args.out / "failures.tsv", summary.failures(args.ledgers))
     log.info("summarised %d score rows of %d images", len(scores), scores["image_id"].nunique())

@@ -31,10 +31,13 @@ __all__ = [
     "failures",
     "image_score_rows",
     "instance_score_rows",
+    "level_score_rows",
+    "levels_table",
     "read_scores",
     "table_s1",
     "write_partitioned",
     "write_scores",
+    "write_levels_table",
     "write_table_s1",
 ]
 
@@ -107,6 +110,74 @@ def instance_score_rows(row: pd.Series, pred_path: Path, ref_path: Path, definit
                             "flag": f"tp={s.tp} fp={s.fp} fn={s.fn}", "pred_voxels": int((p > 0).sum()),
                             "ref_voxels": int((r > 0).sum())})
     return _with_keys(row, records)
+
+
+LEVELS = "Vertebra levels"  # the structure of the identification rows
+
+
+def level_score_rows(row: pd.Series, pred_path: Path, ref_path: Path, numbering: str, ref_semantic: Path | None) -> pd.DataFrame:
+    """Identification rate and mean localisation distance (mm) of the vertebra ids (`metrics.identify`).
+
+    Scored: every reference vertebra whose body (corpus, in `ref_semantic` when given) is in view.
+    A counted station ("count") makes no claim of levels: NaN, flag "count".
+    """
+    pred, ref, _ = _load_pair(pred_path, ref_path, L.INSTANCE_MASK_IDS)
+    affine = io.load_affine(ref_path)
+    ids = [k for k in np.unique(ref).tolist() if 0 < k < L.IVD_OFFSET and k != L.SACRUM]
+    if ref_semantic is not None:
+        corpus = io.load_mask(ref_semantic)[0] == L.CORPUS
+        ids = [k for k in ids if (corpus & (ref == k)).any()]
+    vertebra = lambda m: int(((m > 0) & (m < L.IVD_OFFSET) & (m != L.SACRUM)).sum())  # noqa: E731
+    keys = {"pred_voxels": vertebra(pred), "ref_voxels": vertebra(ref), "definition": ""}
+    nan = float("nan")
+    values = {"id_rate": nan, "localisation_mm": nan, "identified": nan, "scored": float(len(ids))}
+    if numbering != "count":
+        predicted = [k for k in np.unique(pred).tolist() if 0 < k < L.IVD_OFFSET and k != L.SACRUM]
+        found = metrics.identify(metrics.centroids_mm(pred, affine, predicted), metrics.centroids_mm(ref, affine, ids))
+        distances = list(found.localisation_mm.values())
+        values.update(id_rate=found.rate, localisation_mm=float(np.mean(distances)) if distances else nan,
+                      identified=float(len(distances)))
+    return _with_keys(row, [{"structure": LEVELS, "metric": m, "value": v, "flag": numbering, **keys} for m, v in values.items()])
+
+
+def levels_table(scores: pd.DataFrame) -> pd.DataFrame:
+    """Per station: images, how they were numbered, identification rate and localisation (mean ± SD over anchored images)."""
+    levels = scores[scores.structure == LEVELS]
+    rows = []
+    for region in REGIONS:
+        mine = levels[levels.region == region]
+        if mine.empty:
+            continue
+        per_image = mine.pivot_table(index="image_id", columns="metric", values="value", aggfunc="first", dropna=False)
+        modes = mine.drop_duplicates("image_id").set_index("image_id")["flag"]
+        anchored = per_image[modes.reindex(per_image.index) != "count"]
+
+        def mean_sd(metric: str, digits: int) -> str:
+            v = anchored[metric].dropna() if metric in anchored else pd.Series(dtype=float)
+            return "–" if v.empty else f"{v.mean():.{digits}f} ± {v.std():.{digits}f}" if len(v) > 1 else f"{v.mean():.{digits}f}"
+
+        rows.append({
+            "Station": TABLE_S1_REGIONS[region],
+            "Images": len(per_image),
+            "Numbering": ", ".join(f"{m} {n}" for m, n in modes.value_counts().sort_index().items()),
+            "Identification rate": mean_sd("id_rate", 3),
+            "Vertebrae identified": f"{int(anchored['identified'].sum())} of {int(anchored['scored'].sum())}" if len(anchored) else "–",
+            "Localisation (mm)": mean_sd("localisation_mm", 2),
+        })
+    return pd.DataFrame(rows, columns=["Station", "Images", "Numbering", "Identification rate", "Vertebrae identified",
+                                       "Localisation (mm)"])
+
+
+def write_levels_table(table: pd.DataFrame, folder: Path) -> dict[str, Path]:
+    """The levels table as Markdown and CSV (atomic writes)."""
+    caption = ("Vertebra levels: identification rate (VerSe, 20 mm) and localisation distance, mean ± SD over the "
+               "images numbered from an anchor (C2, sacrum); counted images make no claim of levels")
+    paths = {"md": folder / "levels.md", "csv": folder / "levels.csv"}
+    texts = {"md": f"{caption}\n\n{table.to_markdown(index=False)}\n", "csv": table.to_csv(index=False)}
+    for fmt, path in paths.items():
+        with io.atomic_path(path) as tmp:
+            tmp.write_text(texts[fmt], encoding="utf-8")
+    return paths
 
 
 def write_scores(path: Path, table: pd.DataFrame) -> None:
@@ -225,4 +296,4 @@ def failures(ledgers: Sequence[Path]) -> pd.DataFrame:
     table = table[table.status != "ok"].copy()
     table["order"] = (table.status != "failed").astype(int)
     table = table.sort_values(["image_id", "order"], kind="stable").drop_duplicates("image_id")
-    return table.drop(columns="order").reset_index(drop=True)
+    return table[["image_id", "stage", "status", "message"]].reset_index(drop=True)

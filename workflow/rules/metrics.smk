@@ -41,6 +41,12 @@ rule summarize:
         ),
         table_csv=SUMMARY / "table_s1.csv",
         table_tex=SUMMARY / "table_s1.tex",
+        levels_md=report(
+            SUMMARY / "levels.md",
+            caption="../report/levels.rst",
+            category="Summary",
+        ),
+        levels_csv=SUMMARY / "levels.csv",
         plots=report(
             expand(SUMMARY / "boxplot_{metric}.png", metric=["dsc", "assd"]),
             caption="../report/boxplots.rst",
