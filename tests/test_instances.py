@@ -55,20 +55,21 @@ def dice(a, b):
 
 def check_against_reference(ph, region, *, anchored=True):
     seg, ref, grid = to_instance_space(ph)
-    out, note = instances.assemble(seg, MODEL, oracle(ref), region)
+    out, numbering = instances.assemble(seg, MODEL, oracle(ref), region)
     restored = geometry.resample(out, grid[1], (ph.instance.shape, ph.affine), kind="nearest")
     truth = ph.instance
     # Every vertebra whose body shows; one cut off above its body is out of reach of every cutout (as in SPINEPS).
     vertebrae = [k for k in np.unique(truth) if 0 < k < L.IVD_OFFSET and ((truth == k) & (ph.semantic == L.CORPUS)).any()]
     assert len(vertebrae) >= 6
+    assert not L.unknown_ids(out, L.INSTANCE_MASK_IDS)
     if anchored:
-        assert note == ""
+        assert numbering == instances.Numbering({"cervical": "C2", "lumbar": "sacrum"}[region])
         for k in vertebrae:
             assert dice(restored == k, truth == k) >= 0.99, (region, L.VERTEBRA_NAMES.get(k, k))
         discs = truth >= L.IVD_OFFSET
         assert np.array_equal(restored[discs], truth[discs])
     else:
-        assert "top-down count" in note
+        assert numbering.mode == "count" and "no anchor" in numbering.reason
         # Ids are a count: the same instances, shifted by one constant.
         shift = {int(np.median(truth[restored == k])) - int(k) for k in np.unique(restored) if 0 < k < L.IVD_OFFSET}
         assert len(shift) == 1
@@ -94,8 +95,8 @@ def test_thoracic_station_has_no_anchor_and_says_so():
 def test_no_vertebral_body_gives_an_empty_mask_and_a_reason():
     seg = np.zeros((40, 64, 16), np.uint8)
     seg[10:20, 10:50, 4:10] = L.CANAL
-    out, note = instances.assemble(seg, MODEL, oracle(np.zeros_like(seg)), "lumbar")
-    assert not out.any() and "no vertebral body" in note
+    out, numbering = instances.assemble(seg, MODEL, oracle(np.zeros_like(seg)), "lumbar")
+    assert not out.any() and numbering.mode == "count" and "no vertebral body" in numbering.reason
 
 
 def test_a_merged_body_is_split_into_two_centres():

@@ -124,5 +124,5 @@ def test_demo_run_writes_partitioned_scores_table_s1_and_plots(demo_local_run: P
     assert set(dataset.region) == {"cervical", "thoracic", "lumbar"}
     assert dataset.image_id.nunique() == 3 * CONFIG["demo"]["subjects"]
     by_region = pd.read_parquet(summ / "by_region.parquet")
-    assert set(by_region.structure) == set(SUPPLEMENT_ROWS) | {"Vertebra instances", "IVD instances"}
+    assert set(by_region.structure) == set(SUPPLEMENT_ROWS) | {"Vertebra instances", "IVD instances", "Vertebra levels"}
     assert (by_region.n + by_region.n_excluded == CONFIG["demo"]["subjects"]).all()
