@@ -171,3 +171,12 @@ def test_atomic_writes_leave_nothing_half_written_and_sweep_a_killed_writers_tem
         tmp.write_bytes(b"done")
     assert target.read_bytes() == b"done"
     assert sorted(tmp_path.iterdir()) == sorted([target, *others])  # other files' temporaries are theirs
+
+
+def test_version_is_the_installed_distributions():
+    import subprocess
+    import tomllib
+
+    declared = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["version"]
+    out = subprocess.run(["spinecohort", "--version"], capture_output=True, text=True, check=True).stdout
+    assert out == f"spinecohort {declared}\n"

@@ -80,7 +80,8 @@ def scored_batch(small_cohort: Path, tmp_path: Path):
     manifest = small_cohort.parent / "edited.tsv"
     edited.to_csv(manifest, sep="\t", index=False)
     restore = tmp_path / "restore"
-    io.write_tsv(restore / "ledger.tsv", pd.DataFrame({"image_id": batch.image_id, "stage": "restore", "status": "ok", "message": ""}))
+    io.write_tsv(restore / "ledger.tsv", pd.DataFrame({"image_id": batch.image_id, "stage": "restore", "status": "ok", "message": "",
+                                                       "numbering": ["count", *["C2"] * (len(batch) - 1)]}))
     return manifest, batch, derivatives, restore, shifted
 
 
@@ -104,6 +105,9 @@ def test_score_stage_scores_references_and_fails_a_grid_mismatch_alone(scored_ba
     assert len(panoptic) == len(scored) * 2 * 7
     assert (panoptic.value.xs("PQ", level="metric") == 1.0).all() and (panoptic.value.xs("instance ASSD", level="metric") == 0.0).all()
     assert panoptic.flag.str.fullmatch(r"tp=\d+ fp=0 fn=0").all()
+    levels = scores[scores.structure == "Vertebra levels"].set_index(["image_id", "metric"]).value.unstack()
+    assert (levels.id_rate == 1.0).all() and (levels.localisation_mm == 0.0).all() and (levels.identified == levels.scored).all()
+    assert len(levels) == len(scored) and (levels.scored >= 5).all()
     nothing = scores[scores.structure == "Nothing"]
     assert (nothing.flag == "both_empty").all() and nothing.value.isna().all()
     assert set(scores.definition[scores.metric == "ASSD"]) == {"mean_of_means"}

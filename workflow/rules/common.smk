@@ -96,7 +96,11 @@ def get_fold_checkpoints():
 
 
 def get_final_output(wildcards):
-    return [SUMMARY / "table_s1.md", SUMMARY / "levels.md", SUMMARY / "by_region.parquet"]
+    return [
+        SUMMARY / "table_s1.md",
+        SUMMARY / "levels.md",
+        SUMMARY / "by_region.parquet",
+    ]
 
 
 def get_ledgers(score_folders):
