@@ -221,3 +221,7 @@ def test_claiming_gives_every_structure_voxel_an_id_of_its_kind_or_counts_it():
     assert (ids[0:4, 0:6] == 20).all() and (ids[4:6, 0:6] == 120).all() and (ids[6:10, 0:6] == 21).all()
     assert unclaimed == 1 and semantic[11, 11] == 0 and ids[11, 11] == 0
     assert np.array_equal(ids > 0, semantic > 0)
+    # A thin endplate that the coarser instance grid lost is named by the disc it borders.
+    semantic[6, 0:6] = L.ENDPLATE
+    ids, unclaimed = instances.claim_instances(semantic, instance, (1.0, 1.0, 1.0), radius_mm=2.0)
+    assert (ids[6, 0:6] == 220).all() and unclaimed == 0

@@ -457,12 +457,26 @@ def number_instances(instance: NDArray[np.integer], seg: NDArray[np.integer], re
     return out, numbering
 
 
-# Semantic labels and the instance ids that may claim them.
+def _vertebra_ids(ids: NDArray[np.integer]) -> NDArray[np.bool_]:
+    return (ids > 0) & (ids < L.IVD_OFFSET) & (ids != L.SACRUM)
+
+
+def _ivd_ids(ids: NDArray[np.integer]) -> NDArray[np.bool_]:
+    return (ids >= L.IVD_OFFSET) & (ids < L.ENDPLATE_OFFSET)
+
+
+def _endplate_ids(ids: NDArray[np.integer]) -> NDArray[np.bool_]:
+    return ids >= L.ENDPLATE_OFFSET
+
+
+# Semantic labels, and the instance ids that may claim them in turn, with the shift from the
+# claiming id to the claimed one. An endplate is one voxel thin: in the coarser instance grid
+# it can vanish where a disc remains, so the disc it borders names it (IVD 100+X -> 200+X).
 _CLAIMS: Final = (
-    (L.VERTEBRA_PARTS, lambda ids: (ids > 0) & (ids < L.IVD_OFFSET) & (ids != L.SACRUM)),
-    ((L.SACRUM,), lambda ids: ids == L.SACRUM),
-    ((L.IVD,), lambda ids: (ids >= L.IVD_OFFSET) & (ids < L.ENDPLATE_OFFSET)),
-    ((L.ENDPLATE,), lambda ids: ids >= L.ENDPLATE_OFFSET),
+    (L.VERTEBRA_PARTS, ((_vertebra_ids, 0),)),
+    ((L.SACRUM,), ((lambda ids: ids == L.SACRUM, 0),)),
+    ((L.IVD,), ((_ivd_ids, 0), (_endplate_ids, L.IVD_OFFSET - L.ENDPLATE_OFFSET))),
+    ((L.ENDPLATE,), ((_endplate_ids, 0), (_ivd_ids, L.ENDPLATE_OFFSET - L.IVD_OFFSET))),
 )
 
 
@@ -472,27 +486,32 @@ def claim_instances(semantic: NDArray[np.integer], instance: NDArray[np.integer]
 
     Both masks arrive on one grid by separate resamplings, so their edges differ by
     a voxel or so. Each structure voxel takes the id of the nearest instance voxel
-    of its kind (vertebra, sacrum, IVD, endplate) within `radius_mm`. A voxel with
-    none in reach is removed from `semantic` (in place), so that the two masks
-    still coincide; returns the ids and the number of voxels removed.
+    of its kind (vertebra, sacrum, IVD, endplate) within `radius_mm`; an IVD or
+    endplate voxel with none in reach takes its neighbour's (endplate 200+X, IVD
+    100+X). A voxel still unclaimed is removed from `semantic` (in place), so that
+    the two masks coincide; returns the ids and the number of voxels removed.
     """
     out = np.zeros(semantic.shape, np.uint16)
     unclaimed = 0
     margin = [int(np.ceil(radius_mm / s)) for s in spacing]
-    for labels, claims in _CLAIMS:
+    for labels, sources in _CLAIMS:
         wanted = np.isin(semantic, labels)
         if not wanted.any():
             continue
-        owners = claims(instance)
-        both = np.argwhere(wanted | owners)
+        both = np.argwhere(wanted | np.logical_or.reduce([claims(instance) for claims, _ in sources]))
         box = tuple(slice(max(0, lo - m), hi + m + 1) for lo, hi, m in zip(both.min(0), both.max(0), margin))
-        want, own, ids = wanted[box], owners[box], instance[box]
-        claimed = np.where(want & own, ids, 0).astype(np.uint16)
-        todo = want & ~own
-        if todo.any() and own.any():
-            distance, nearest = ndimage.distance_transform_edt(~own, sampling=spacing, return_indices=True)
-            reach = todo & (distance <= radius_mm)
-            claimed[reach] = ids[tuple(axis[reach] for axis in nearest)]
+        want, ids = wanted[box], instance[box]
+        claimed = np.zeros(want.shape, np.uint16)
+        for claims, shift in sources:
+            own = claims(ids)
+            todo = want & (claimed == 0)
+            direct = todo & own
+            claimed[direct] = ids[direct].astype(np.int32) + shift
+            todo &= ~own
+            if todo.any() and own.any():
+                distance, nearest = ndimage.distance_transform_edt(~own, sampling=spacing, return_indices=True)
+                reach = todo & (distance <= radius_mm)
+                claimed[reach] = ids[tuple(axis[reach] for axis in nearest)].astype(np.int32) + shift
         lost = want & (claimed == 0)
         unclaimed += int(lost.sum())
         semantic[box][lost] = 0
