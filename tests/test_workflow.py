@@ -28,3 +28,20 @@ def test_snakefmt_is_clean():
 def test_lint_is_clean():
     proc = run("snakemake", "--lint")
     assert proc.returncode == 0 and "Lints for" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_an_unknown_config_key_stops_the_run_and_is_named(tmp_path: Path):
+    for typo in ("batchsize=2", "n4={'shrink': [8, 8, 1], 'iterations': [50], 'bias_fwhm': 0.3, 'fwhm': 0.2}"):
+        proc = run("snakemake", "-n", "--config", f"results={tmp_path}", typo)
+        assert proc.returncode != 0
+        key = typo.split("=")[0] if typo.startswith("batch") else "fwhm"
+        assert f"Additional properties are not allowed ('{key}' was unexpected)" in proc.stdout + proc.stderr
+
+
+def test_the_config_shows_the_packages_defaults():
+    import yaml
+
+    from spinecohort import defaults
+
+    n4 = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["n4"]
+    assert n4 == {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.N4.items()}

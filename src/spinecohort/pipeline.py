@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from . import cohort, io
+from .defaults import N4 as N4_DEFAULTS
 from .labels import ENDPLATE_OFFSET, IVD_OFFSET, REGIONS
 from .labels import VERTEBRA_NAMES as L_NAMES
 from .metrics import ASSD_DEFINITIONS
@@ -297,9 +298,9 @@ def add_stage_parsers(sub: argparse._SubParsersAction) -> None:
         return p
 
     p = stage("bias-correct", _bias_correct, "N4 bias-field correction of a batch")
-    p.add_argument("--shrink", type=int, nargs=3, default=(8, 8, 1), help="in-plane, in-plane, through-plane")
-    p.add_argument("--iterations", type=int, nargs="+", default=(50, 50, 50), help="iterations per fitting level")
-    p.add_argument("--bias-fwhm", type=float, default=0.15, help="N4 bias-field FWHM")
+    p.add_argument("--shrink", type=int, nargs=3, default=N4_DEFAULTS["shrink"], help="in-plane, in-plane, through-plane")
+    p.add_argument("--iterations", type=int, nargs="+", default=N4_DEFAULTS["iterations"], help="iterations per fitting level")
+    p.add_argument("--bias-fwhm", type=float, default=N4_DEFAULTS["bias_fwhm"], help="N4 bias-field FWHM")
     p = stage("resample", _resample, "reorient and resample a batch into the semantic model's space")
     p.add_argument("--input", type=Path, required=True)
     p.add_argument("--model", type=model_folder, required=True, help="model folder or its inference_config.json")

@@ -10,6 +10,7 @@ import SimpleITK as sitk
 from numpy.typing import NDArray
 
 from . import geometry
+from .defaults import N4 as N4_DEFAULTS
 
 __all__ = ["N4Result", "bias_correct", "n4_shrink_factors", "to_model_space"]
 
@@ -38,9 +39,9 @@ def bias_correct(
     image: NDArray[np.float32],
     affine: NDArray[np.float64],
     *,
-    shrink: Sequence[int] = (8, 8, 1),
-    iterations: Sequence[int] = (50, 50, 50),
-    bias_fwhm: float = 0.15,
+    shrink: Sequence[int] = N4_DEFAULTS["shrink"],
+    iterations: Sequence[int] = N4_DEFAULTS["iterations"],
+    bias_fwhm: float = N4_DEFAULTS["bias_fwhm"],
     threads: int = 1,
 ) -> N4Result:
     """N4 bias-field correction (SimpleITK), fitted on a shrunk copy, applied at full resolution.

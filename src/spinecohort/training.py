@@ -28,6 +28,7 @@ from numpy.typing import NDArray
 
 from . import cohort, geometry, io
 from . import labels as L
+from .defaults import N4 as N4_DEFAULTS
 from .models import SEMANTIC_INDEX, nnunet_dataset_json, semantic_inference_config
 
 __all__ = [
@@ -386,9 +387,9 @@ def add_training_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--orientation", nargs=3, default=("P", "I", "R"))
     p.add_argument("--spacing", type=float, nargs=3, required=True, help=model_axes)
     p.add_argument("--folds", type=int, default=3, help="K: folds split by subject")
-    p.add_argument("--shrink", type=int, nargs=3, default=(8, 8, 1))
-    p.add_argument("--iterations", type=int, nargs="+", default=(50, 50, 50))
-    p.add_argument("--bias-fwhm", type=float, default=0.15)
+    p.add_argument("--shrink", type=int, nargs=3, default=N4_DEFAULTS["shrink"])
+    p.add_argument("--iterations", type=int, nargs="+", default=N4_DEFAULTS["iterations"])
+    p.add_argument("--bias-fwhm", type=float, default=N4_DEFAULTS["bias_fwhm"])
     p.set_defaults(handler=_semantic_data)
 
     p = sub.add_parser("train-semantic-plan", help="nnU-Net fingerprint, plans (our patch, batch, U-Net), preprocessing")

@@ -1,0 +1,13 @@
+"""Defaults the workflow, the CLI and the library share (config/config.yaml repeats them; a test keeps both equal).
+
+Light on purpose: every CLI start reads it, before any heavy import.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+# N4 (SimpleITK): shrink (in-plane, in-plane, through-plane), iterations per fitting level and
+# the bias-field FWHM. Two fitting levels, not four: finer meshes take anatomy for bias on spine
+# stations (benchmarks/README.md, N4 settings).
+N4: Final[dict[str, Any]] = {"shrink": (8, 8, 1), "iterations": (50, 50), "bias_fwhm": 0.3}
