@@ -180,3 +180,39 @@ def test_version_is_the_installed_distributions():
     declared = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["version"]
     out = subprocess.run(["spinecohort", "--version"], capture_output=True, text=True, check=True).stdout
     assert out == f"spinecohort {declared}\n"
+
+
+# One bad value per case: the manifest schema (the Snakefile's check) and cohort.check_manifest
+# (every CLI stage's) must agree on each.
+MANIFEST_CASES = [
+    ("subject", "ab-1"), ("subject", "../x"), ("subject", ""), ("session", "s 1"), ("session", "x/y"),
+    ("region", "sacral"), ("region", "Lumbar"), ("image_id", "_a"), ("image_id", "a b"), ("image_id", "a/b"),
+    ("image_id", "a..b"), ("image", ""), ("batch", "1"), ("batch", "b12"), ("batch", "x0001"), ("batch", ""),
+]
+
+
+@pytest.mark.parametrize("column, value", MANIFEST_CASES)
+def test_manifest_schema_and_checks_agree(small_cohort: Path, column: str, value: str):
+    import yaml
+
+    schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "manifest.schema.yaml").read_text())
+    table = pd.read_csv(small_cohort, sep="\t", dtype=str, keep_default_na=False)
+    assert not cohort.schema_problems(table, schema)
+    cohort.check_manifest(table)
+    table.loc[1, column] = value
+    problems = cohort.schema_problems(table, schema)
+    assert [p.split(":")[0] for p in problems] == ["row 2"], problems
+    with pytest.raises(cohort.ManifestError, match="row 2: "):
+        cohort.check_manifest(table)
+
+
+@pytest.mark.parametrize("column", ["subject", "session", "region", "image_id", "image", "batch"])
+def test_manifest_schema_and_checks_require_the_same_columns(small_cohort: Path, column: str):
+    import yaml
+
+    schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "manifest.schema.yaml").read_text())
+    table = pd.read_csv(small_cohort, sep="\t", dtype=str, keep_default_na=False).drop(columns=column)
+    assert cohort.schema_problems(table, schema) == [f"column {column!r} is required"]
+    with pytest.raises(cohort.ManifestError, match=f"missing column.*{column}"):
+        cohort.check_manifest(table)
+    assert set(schema["required"]) | {"reference_semantic", "reference_instance"} == set(cohort.COLUMNS) == set(schema["properties"])

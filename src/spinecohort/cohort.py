@@ -133,10 +133,12 @@ def assign_batches(rows: pd.DataFrame, *, batch_size: int, previous: pd.DataFram
 def check_manifest(table: pd.DataFrame, *, source: str = "manifest", require_batch: bool = True) -> pd.DataFrame:
     """Check columns, ids, regions and uniqueness; return the table with all columns as str.
 
-    With ``require_batch=False`` an empty batch is accepted (batches are assigned later).
+    A finished manifest has every column but the references (as `workflow/schemas/manifest.schema.yaml`
+    says; a test keeps the two in step). With ``require_batch=False`` (a hand-written one) session,
+    image_id and batch may be missing or empty: they are derived or assigned later.
     Raises ManifestError naming each offending row (1-based, header excluded).
     """
-    optional = ("session", "image_id", "reference_semantic", "reference_instance", "batch")
+    optional = ("reference_semantic", "reference_instance") + (() if require_batch else ("session", "image_id", "batch"))
     missing = [c for c in COLUMNS if c not in table.columns and c not in optional]
     if missing:
         raise ManifestError(f"{source}: missing column(s) {', '.join(missing)}")
