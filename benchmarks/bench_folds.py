@@ -88,7 +88,7 @@ with tempfile.TemporaryDirectory() as tmp:
     sizes = {}
     for noise in (0.0, 0.05):
         logits = synthetic_logits((15, 512, 512, 50), rng, noise)
-        _, t_b2 = wall(lambda: io.save_logits(tmp / "nako.b2nd", logits))
+        _, t_b2 = wall(lambda logits=logits: io.save_logits(tmp / "nako.b2nd", logits))
         sizes[noise] = ((tmp / "nako.b2nd").stat().st_size / 2**20, t_b2)
     mib_b2, t_b2 = sizes[0.0]
     _, t_read = wall(lambda: io.load_logits(tmp / "nako.b2nd"))

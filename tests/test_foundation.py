@@ -8,8 +8,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-
 from hostile import bad_images
+
 from spinecohort import cohort, geometry, io, pipeline, preprocess, semantic
 from spinecohort.models import write_random_semantic_model
 from spinecohort.phantom import PRESETS, make_subject, render_station, write_cohort
@@ -101,7 +101,7 @@ def test_fold_jobs_plus_averaging_equal_nnunet_in_process(random_model: Path, tm
     for path in cases:
         outputs = [p.predict(path) for p in per_fold]
         props = io.read_json(io_roundtrip(tmp_path, outputs[0][1]))
-        logits = [io.load_logits(io_roundtrip_logits(tmp_path, l)) for l, _ in outputs]
+        logits = [io.load_logits(io_roundtrip_logits(tmp_path, fold_logits)) for fold_logits, _ in outputs]
         ours.append(semantic.logits_to_segmentation(random_model, semantic.average_fold_logits(logits), props))
     ref = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, perform_everything_on_device=False,
                           device=torch.device("cpu"), verbose=False, allow_tqdm=False)

@@ -4,15 +4,15 @@ import math
 
 import numpy as np
 import pytest
-from scipy import ndimage
 from medpy.metric import binary as medpy
 from panoptica import InputType, NaiveThresholdMatching, Panoptica_Evaluator
 from panoptica.metrics import Metric
+from scipy import ndimage
 
 from spinecohort import labels as L
 from spinecohort import metrics
-from spinecohort.phantom import PRESETS, make_subject, render_station
 from spinecohort.geometry import spacing_of
+from spinecohort.phantom import PRESETS, make_subject, render_station
 
 SPACINGS = [(1.0, 1.0, 1.0), (0.7, 0.9, 2.5), (0.6696, 0.6696, 4.4)]
 
@@ -48,7 +48,7 @@ def test_scores_match_medpy_and_panoptica_on_random_shapes(seed, spacing):
     pooled = metrics.score_structures(pred, ref, spacing, structures, definition="pooled")
     means = metrics.score_structures(pred, ref, spacing, structures)
     checked, differ = 0, 0
-    for (name, ids), p, m in zip(structures.items(), pooled, means):
+    for ids, p, m in zip(structures.values(), pooled, means):
         pm, rm = np.isin(pred, ids), np.isin(ref, ids)
         if not (pm.any() and rm.any()):
             continue

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -209,9 +211,7 @@ SMOKE = {
 }  # fmt: skip
 
 
-def _snakemake(results, *extra: str, manifest: str = "demo") -> "subprocess.CompletedProcess[str]":
-    import subprocess
-
+def _snakemake(results, *extra: str, manifest: str = "demo") -> subprocess.CompletedProcess[str]:
     import yaml
 
     smoke = {**SMOKE, "results": str(results)}

@@ -1,4 +1,4 @@
-"""The Snakemake layer: dry-run, lint and formatting are clean."""
+"""The Snakemake layer and the code: dry-run, lint, formatting and types are clean; the config is strict."""
 
 from __future__ import annotations
 
@@ -23,6 +23,16 @@ def test_snakefmt_is_clean():
     assert shutil.which("snakefmt")
     proc = run("snakefmt", "--check", "Snakefile", "workflow")
     assert proc.returncode == 0, proc.stderr
+
+
+def test_ruff_is_clean():
+    proc = run("ruff", "check", "src", "tests", "benchmarks")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_mypy_is_clean():
+    proc = run("mypy")  # files and settings: [tool.mypy] in pyproject.toml
+    assert proc.returncode == 0 and "Success" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_lint_is_clean():

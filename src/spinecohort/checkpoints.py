@@ -21,7 +21,7 @@ import torch
 __all__ = ["CheckpointError", "load_checkpoint", "load_lightning_checkpoint"]
 
 # numpy types nnU-Net checkpoints hold; rebuilding them runs no user code.
-NUMPY_TYPES = [np._core.multiarray.scalar, np._core.multiarray._reconstruct, np.ndarray, np.dtype,
+NUMPY_TYPES = [np._core.multiarray.scalar, np._core.multiarray._reconstruct, np.ndarray, np.dtype,  # type: ignore[attr-defined]
                *(type(np.dtype(t)) for t in ("f2", "f4", "f8", "i4", "i8", "u1", "bool"))]  # fmt: skip
 
 

@@ -37,7 +37,7 @@ SAFE_IMAGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 BATCH_ID = re.compile(r"^b[0-9]{4,}$")
 
 # How NAKO (German station names) and SPINEPS users name the stations.
-STATION_ALIASES = {
+STATION_ALIASES: dict[str, str] = {
     "hws": "cervical",
     "bws": "thoracic",
     "lws": "lumbar",

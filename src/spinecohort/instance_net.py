@@ -16,9 +16,9 @@ Parameter names follow the checkpoint layout, so a Lightning checkpoint's
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -84,12 +84,12 @@ class InstanceUNet(nn.Module):
         x = self.init_conv(x)
         stem = x
         skips = []
-        for block1, block2, down in self.downs:
+        for block1, block2, down in cast(Iterable[tuple[nn.Module, nn.Module, nn.Module]], self.downs):
             x = block2(block1(x))
             skips.append(x)
             x = down(x)
         x = self.mid_block2(self.mid_block1(x))
-        for block1, block2, up in self.ups:
+        for block1, block2, up in cast(Iterable[tuple[nn.Module, nn.Module, nn.Module]], self.ups):
             x = up(block2(block1(0.5 * (x + skips.pop()))))
         return self.final_conv(self.final_res_block(torch.cat((x, stem), dim=1)))
 

@@ -95,9 +95,10 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[NDAr
 
 def train_instance_network(
     cutouts: Sequence[Cutout], *, epochs: int, batch_size: int = 2, lr: tuple[float, float] = (1e-4, 1e-6), dim: int = 16,
-    augmentation: AugmentConfig = AugmentConfig(), seed: int = 0, device: str = "auto", max_steps_per_epoch: int | None = None,
+    augmentation: AugmentConfig | None = None, seed: int = 0, device: str = "auto", max_steps_per_epoch: int | None = None,
 ):  # fmt: skip
     """Train an `InstanceUNet` on the cutouts; returns the network (on the CPU) and the per-epoch mean losses."""
+    augmentation = augmentation if augmentation is not None else AugmentConfig()
     import torch
 
     from .instance_net import InstanceUNet

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Final
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage
 
 from . import labels as L
@@ -92,15 +92,17 @@ def read_instance_model(folder: str | Path) -> InstanceModel:
         cfg = json.loads(cfg_path.read_text())
         resolution = np.asarray(cfg["resolution_range"], float)
         spacing = resolution if resolution.ndim == 1 else resolution[0]
+        orientation = cfg.get("model_expected_orientation", ("P", "I", "R"))
+        cutout = cfg.get("cutout_size", (248, 304, 64))
         return InstanceModel(
             path=folder,
-            orientation=tuple(cfg.get("model_expected_orientation", ("P", "I", "R"))),
-            spacing=tuple(float(s) for s in spacing),
-            cutout=tuple(int(c) for c in cfg.get("cutout_size", (248, 304, 64))),
+            orientation=(str(orientation[0]), str(orientation[1]), str(orientation[2])),
+            spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
+            cutout=(int(cutout[0]), int(cutout[1]), int(cutout[2])),
             corpus_min_voxels=int(cfg.get("corpus_size_cleaning", 100)),
             vertebra_min_voxels=int(cfg.get("vert_size_threshold", 250)),
         )
-    except (OSError, KeyError, ValueError, TypeError) as exc:
+    except (OSError, KeyError, ValueError, TypeError, IndexError) as exc:
         raise ValueError(f"instance model {cfg_path}: {exc}") from exc
 
 
@@ -480,7 +482,7 @@ _CLAIMS: Final = (
 )
 
 
-def claim_instances(semantic: NDArray[np.integer], instance: NDArray[np.integer], spacing: Sequence[float], *,
+def claim_instances(semantic: NDArray[np.integer], instance: NDArray[np.integer], spacing: ArrayLike, *,
                     radius_mm: float) -> tuple[NDArray[np.uint16], int]:
     """Instance ids for exactly the structure voxels of `semantic` (vertebra parts, sacrum, IVD, endplate).
 
@@ -493,6 +495,7 @@ def claim_instances(semantic: NDArray[np.integer], instance: NDArray[np.integer]
     """
     out = np.zeros(semantic.shape, np.uint16)
     unclaimed = 0
+    spacing = np.asarray(spacing, float)
     margin = [int(np.ceil(radius_mm / s)) for s in spacing]
     for labels, sources in _CLAIMS:
         wanted = np.isin(semantic, labels)

@@ -139,7 +139,7 @@ def _open(path: Path) -> nib.Nifti1Image:
         raise _fail(path, "file does not exist")
     try:
         img = nib.load(path)
-        img.header.get_data_shape()
+        img.header.get_data_shape()  # type: ignore[attr-defined]  # nib.load is typed as returning the base class
     except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError) as exc:
         raise _fail(path, f"not a readable NIfTI image ({type(exc).__name__}: {exc})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):

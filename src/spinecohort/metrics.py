@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 from scipy.spatial import cKDTree
 
 __all__ = [
@@ -80,10 +80,10 @@ class _Surfaces:
 
     def of(self, ids: Sequence[int], spacing: Sequence[float]) -> NDArray[np.float64]:
         """Surface voxel centres (mm, array axes) of the union of `ids`."""
-        ids = np.asarray(ids)
-        candidates = self.index[np.isin(self.values, ids)]
+        wanted = np.asarray(ids)
+        candidates = self.index[np.isin(self.values, wanted)]
         neighbours = self.padded[candidates[:, None] + self.offsets[None, :]]
-        on_surface = candidates[~np.isin(neighbours, ids).all(axis=1)]
+        on_surface = candidates[~np.isin(neighbours, wanted).all(axis=1)]
         voxel = np.stack(np.unravel_index(on_surface, self.padded_shape), axis=1) - 1
         return voxel * np.asarray(spacing, float)
 
@@ -251,7 +251,7 @@ class Identification:
     missed: list[int]  # reference ids not identified
 
 
-def identify(pred: Mapping[int, Sequence[float]], ref: Mapping[int, Sequence[float]], *,
+def identify(pred: Mapping[int, ArrayLike], ref: Mapping[int, ArrayLike], *,
              max_mm: float = IDENTIFICATION_MM) -> Identification:
     """VerSe identification of reference vertebrae from centroids (id -> point in mm).
 

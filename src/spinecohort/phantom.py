@@ -277,7 +277,6 @@ def _paint_column(cv: _Canvas, subject: Subject) -> None:
     lft = cv.lft[None, :]
     s_all = np.array([v.centre for v in verts])
     depth_at = lambda s: np.interp(s, s_all, [v.depth for v in verts])  # noqa: E731
-    width_at = lambda s: np.interp(s, s_all, [v.width for v in verts])  # noqa: E731
     canal_ap = lambda s: np.interp(s, s_all, [7.0 + 1.5 * lumbar_like[v.kind] for v in verts])  # noqa: E731
     canal_lr = lambda s: np.interp(s, s_all, [12.0 - 3.0 * (v.kind == "T") for v in verts])  # noqa: E731
 

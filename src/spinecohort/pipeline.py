@@ -168,12 +168,12 @@ def _average_folds(args: argparse.Namespace) -> None:
 
 
 def _assemble_instances(args: argparse.Namespace) -> None:
+    import torch
+
     from .geometry import resample, target_grid
     from .instance_net import NetworkPredictor
     from .instances import assemble, read_instance_model
     from .semantic import pick_device
-
-    import torch
 
     torch.set_num_threads(args.threads)
     model = read_instance_model(args.model)

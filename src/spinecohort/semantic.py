@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage
 
 from . import labels as L
@@ -101,8 +101,8 @@ def read_model_config(folder: str | Path) -> ModelConfig:
         raise ModelError(f"{path}: orientation and resolution need three axes")
     return ModelConfig(
         path=folder,
-        orientation=orientation,  # type: ignore[arg-type]
-        spacing=tuple(float(s) for s in spacing),  # type: ignore[arg-type]
+        orientation=orientation,
+        spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
         folds=tuple(folds),
         labels=labels,
         step_size=float(cfg.get("default_step_size", 0.5)),
@@ -259,7 +259,7 @@ def map_labels(seg: NDArray, mapping: dict[int, int]) -> NDArray[np.uint8]:
     return lut[seg]
 
 
-def clean_semantic(seg: NDArray[np.uint8], spacing: Sequence[float]) -> NDArray[np.uint8]:
+def clean_semantic(seg: NDArray[np.uint8], spacing: ArrayLike) -> NDArray[np.uint8]:
     """SPINEPS-style clean-up of a semantic mask (after SPINEPS's `phase_semantic`).
 
     1. Delete 6-connected components of 41-49, 61 and 100 smaller than 27.8 mm^3.
@@ -269,8 +269,8 @@ def clean_semantic(seg: NDArray[np.uint8], spacing: Sequence[float]) -> NDArray[
     3. Fill holes in 49, 61, 100 and 60 where the hole is background.
     """
     seg = seg.copy()
-    spacing = np.asarray(spacing, float)
-    min_voxels = SPECK_MM3 / float(np.prod(spacing))
+    mm = np.asarray(spacing, float)
+    min_voxels = SPECK_MM3 / float(np.prod(mm))
     six = ndimage.generate_binary_structure(3, 1)
     for lab in SPECK_LABELS:
         comp, n = ndimage.label(seg == lab, structure=six)
@@ -278,7 +278,7 @@ def clean_semantic(seg: NDArray[np.uint8], spacing: Sequence[float]) -> NDArray[
             sizes = np.bincount(comp.ravel())
             small = np.flatnonzero(sizes < min_voxels)
             seg[np.isin(comp, small[small > 0])] = 0
-    seg[~_spine_block(seg > 0, spacing)] = 0
+    seg[~_spine_block(seg > 0, mm)] = 0
     for lab in FILL_LABELS:
         filled = ndimage.binary_fill_holes(seg == lab)
         seg[filled & (seg == 0)] = lab

@@ -140,6 +140,11 @@ def level_score_rows(row: pd.Series, pred_path: Path, ref_path: Path, numbering:
     return _with_keys(row, [{"structure": LEVELS, "metric": m, "value": v, "flag": numbering, **keys} for m, v in values.items()])
 
 
+def _mean_sd(table: pd.DataFrame, column: str, digits: int) -> str:
+    v = table[column].dropna() if column in table else pd.Series(dtype=float)
+    return "–" if v.empty else f"{v.mean():.{digits}f} ± {v.std():.{digits}f}" if len(v) > 1 else f"{v.mean():.{digits}f}"
+
+
 def levels_table(scores: pd.DataFrame) -> pd.DataFrame:
     """Per station: images, how they were numbered, identification rate and localisation (mean ± SD over anchored images)."""
     levels = scores[scores.structure == LEVELS]
@@ -152,17 +157,14 @@ def levels_table(scores: pd.DataFrame) -> pd.DataFrame:
         modes = mine.drop_duplicates("image_id").set_index("image_id")["flag"]
         anchored = per_image[modes.reindex(per_image.index) != "count"]
 
-        def mean_sd(metric: str, digits: int) -> str:
-            v = anchored[metric].dropna() if metric in anchored else pd.Series(dtype=float)
-            return "–" if v.empty else f"{v.mean():.{digits}f} ± {v.std():.{digits}f}" if len(v) > 1 else f"{v.mean():.{digits}f}"
 
         rows.append({
             "Station": TABLE_S1_REGIONS[region],
             "Images": len(per_image),
             "Numbering": ", ".join(f"{m} {n}" for m, n in modes.value_counts().sort_index().items()),
-            "Identification rate": mean_sd("id_rate", 3),
+            "Identification rate": _mean_sd(anchored, "id_rate", 3),
             "Vertebrae identified": f"{int(anchored['identified'].sum())} of {int(anchored['scored'].sum())}" if len(anchored) else "–",
-            "Localisation (mm)": mean_sd("localisation_mm", 2),
+            "Localisation (mm)": _mean_sd(anchored, "localisation_mm", 2),
         })
     return pd.DataFrame(rows, columns=["Station", "Images", "Numbering", "Identification rate", "Vertebrae identified",
                                        "Localisation (mm)"])

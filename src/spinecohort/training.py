@@ -112,7 +112,7 @@ def preprocess_pair(
 
     image, affine = io.load_image(image_path)
     reference, ref_affine = io.load_mask(reference_path)
-    if problem := geometry.geometry_mismatch(image_path, image.shape, affine, reference_path, reference.shape, ref_affine):
+    if problem := geometry.geometry_mismatch(Path(image_path), image.shape, affine, Path(reference_path), reference.shape, ref_affine):
         raise ValueError(problem)
     corrected = bias_correct(image, affine, threads=threads, **n4).corrected
     out, out_affine = to_model_space(corrected, affine, orientation=orientation, spacing=spacing, threads=threads)
