@@ -37,9 +37,15 @@ def manifest(n_subjects: int, folder: Path, batch_size: int) -> Path:
 
 
 def fake_model(folder: Path) -> Path:
-    """Dry-runs only check that model files exist."""
-    for name in ["inference_config.json", *(f"fold_{f}/checkpoint_final.pth" for f in range(3)),
-                 "instance/inference_config.json", "instance/instance_weights.ckpt"]:
+    """The demo models' JSON (the start-up check reads it) with empty checkpoints (a dry-run only checks they exist)."""
+    import shutil
+
+    demo = ROOT / "resources" / "demo_models"
+    for part in ("semantic", "instance"):
+        for config in (demo / part).glob("*.json"):
+            (folder / part).mkdir(parents=True, exist_ok=True)
+            shutil.copy(config, folder / part / config.name)
+    for name in [*(f"semantic/fold_{f}/checkpoint_final.pth" for f in range(3)), "instance/instance_weights.ckpt"]:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).touch()
     return folder
@@ -49,7 +55,7 @@ def dry_run(path: Path, model: Path, results: Path, batch_size: int) -> tuple[fl
     """Wall seconds, peak RSS in GB of the snakemake process, and the job count."""
     config = path.with_suffix(".yaml")
     config.write_text(json.dumps({"manifest": str(path), "results": str(results), "batch_size": batch_size,
-                                  "demo": {"enabled": False}, "semantic_model": {"path": str(model), "folds": [0, 1, 2]},
+                                  "demo": {"enabled": False}, "semantic_model": {"path": str(model / "semantic"), "folds": [0, 1, 2]},
                                   "instance_model": {"path": str(model / "instance")}}))
     cmd = [sys.executable, "-m", "snakemake", "-n", "--quiet", "rules", "--cores", "1", "--directory", str(ROOT),
            "--configfile", str(config)]
