@@ -20,12 +20,12 @@ import pytest
 import yaml
 from hostile import bad_images
 
-from spinecohort import cohort
+from spinecohort import cohort, layout
 
 ROOT = Path(__file__).resolve().parents[1]
 CRASH_HOOK = ROOT / "tests" / "crash"  # sitecustomize.py: SIGKILL at the n-th rename of one subcommand
 # Every per-batch and cohort-wide stage, in workflow order.
-STAGES = ("bias-correct", "resample", "predict-fold", "average-folds", "assemble-instances", "restore", "score", "summarize")
+STAGES = (*(stage.command for stage in layout.BATCH_STAGES), *layout.COHORT_STAGES)
 FINAL = ("derivatives", "scores", "summary")
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import cohort, io
+from . import cohort, io, layout
 from .defaults import N4 as N4_DEFAULTS
 from .labels import ENDPLATE_OFFSET, IVD_OFFSET, REGIONS
 from .labels import VERTEBRA_NAMES as L_NAMES
@@ -28,7 +28,7 @@ from .metrics import ASSD_DEFINITIONS
 
 log = logging.getLogger("spinecohort")
 
-LEDGER = "ledger.tsv"
+LEDGER = layout.LEDGER
 LEDGER_COLUMNS = ["image_id", "stage", "status", "message"]
 # What a stage's work returns for an image: nothing, a note (the ledger message), or
 # the message and fact columns of the stage's ledger ({"message": …, "numbering": …}).
@@ -116,9 +116,9 @@ def _bias_correct(args: argparse.Namespace) -> None:
             image, affine, shrink=args.shrink, iterations=args.iterations, bias_fwhm=args.bias_fwhm, threads=args.threads
         )
         log.info("%s: N4 mask covers %.1f %% of the image", row.image_id, 100 * result.mask_fraction)
-        io.save_nifti(args.out / f"{row.image_id}.nii.gz", result.corrected, affine, dtype=np.float32)
+        io.save_nifti(layout.n4_image(args.out, row.image_id), result.corrected, affine, dtype=np.float32)
 
-    run_stage("bias_correct", batch_rows(args.manifest, args.batch), args.out, work)
+    run_stage(layout.ledger_stage("bias-correct"), batch_rows(args.manifest, args.batch), args.out, work)
 
 
 def _resample(args: argparse.Namespace) -> None:
@@ -128,12 +128,11 @@ def _resample(args: argparse.Namespace) -> None:
     model = read_model_config(args.model)
 
     def work(row: pd.Series) -> None:
-        image, affine = io.load_image(args.input / f"{row.image_id}.nii.gz")
+        image, affine = io.load_image(layout.n4_image(args.input, row.image_id))
         out, out_affine = to_model_space(image, affine, orientation=model.orientation, spacing=model.spacing, threads=args.threads)
-        # nnU-Net's reader picks files by the _0000 channel suffix.
-        io.save_nifti(args.out / f"{row.image_id}_0000.nii.gz", out, out_affine, dtype=np.float32)
+        io.save_nifti(layout.model_input(args.out, row.image_id), out, out_affine, dtype=np.float32)
 
-    run_stage("resample", batch_rows(args.manifest, args.batch), args.out, work, upstream=[args.input])
+    run_stage(layout.ledger_stage("resample"), batch_rows(args.manifest, args.batch), args.out, work, upstream=[args.input])
 
 
 def _predict_fold(args: argparse.Namespace) -> None:
@@ -143,11 +142,11 @@ def _predict_fold(args: argparse.Namespace) -> None:
     log.info("fold %d on device %s", args.fold, predictor.device)
 
     def work(row: pd.Series) -> None:
-        logits, props = predictor.predict(args.input / f"{row.image_id}_0000.nii.gz")
-        io.write_json(args.out / f"{row.image_id}.json", props)
-        io.save_logits(args.out / f"{row.image_id}.b2nd", logits)
+        logits, props = predictor.predict(layout.model_input(args.input, row.image_id))
+        io.write_json(layout.fold_properties(args.out, row.image_id), props)
+        io.save_logits(layout.fold_logits(args.out, row.image_id), logits)
 
-    run_stage(f"predict_fold{args.fold}", batch_rows(args.manifest, args.batch), args.out, work, upstream=[args.input])
+    run_stage(layout.ledger_stage("predict-fold", fold=args.fold), batch_rows(args.manifest, args.batch), args.out, work, upstream=[args.input])
 
 
 def _average_folds(args: argparse.Namespace) -> None:
@@ -157,14 +156,14 @@ def _average_folds(args: argparse.Namespace) -> None:
     model = read_model_config(args.model)
 
     def work(row: pd.Series) -> None:
-        logits = [io.load_logits(folder / f"{row.image_id}.b2nd") for folder in args.folds]
-        props = io.read_json(args.folds[0] / f"{row.image_id}.json")
+        logits = [io.load_logits(layout.fold_logits(folder, row.image_id)) for folder in args.folds]
+        props = io.read_json(layout.fold_properties(args.folds[0], row.image_id))
         seg = logits_to_segmentation(model.path, average_fold_logits(logits), props)
-        affine = io.load_affine(args.resampled / f"{row.image_id}_0000.nii.gz")
+        affine = io.load_affine(layout.model_input(args.resampled, row.image_id))
         seg = clean_semantic(map_labels(seg, model.labels), spacing_of(affine))
-        io.save_nifti(args.out / f"{row.image_id}_seg-spine-raw_msk.nii.gz", seg, affine, dtype=np.uint8)
+        io.save_nifti(layout.raw_semantic(args.out, row.image_id), seg, affine, dtype=np.uint8)
 
-    run_stage("average_folds", batch_rows(args.manifest, args.batch), args.out, work, upstream=args.folds)
+    run_stage(layout.ledger_stage("average-folds"), batch_rows(args.manifest, args.batch), args.out, work, upstream=args.folds)
 
 
 def _assemble_instances(args: argparse.Namespace) -> None:
@@ -181,19 +180,18 @@ def _assemble_instances(args: argparse.Namespace) -> None:
     log.info("instance model %s on device %s", model.checkpoint, predictor.device)
 
     def work(row: pd.Series) -> Outcome:
-        seg, affine = io.load_mask(args.input / f"{row.image_id}_seg-spine-raw_msk.nii.gz")
+        seg, affine = io.load_mask(layout.raw_semantic(args.input, row.image_id))
         grid = target_grid(seg.shape, affine, model.orientation, model.spacing)
         instance, numbering = assemble(resample(seg, affine, grid, kind="nearest"), model, predictor, row.region)
-        io.save_nifti(args.out / f"{row.image_id}_seg-vert-raw_msk.nii.gz", instance, grid[1], dtype=np.uint16)
+        io.save_nifti(layout.raw_instances(args.out, row.image_id), instance, grid[1], dtype=np.uint16)
         return {"message": numbering.reason, "numbering": numbering.mode}
 
-    run_stage("assemble_instances", batch_rows(args.manifest, args.batch), args.out, work, upstream=[args.input])
+    run_stage(layout.ledger_stage("assemble-instances"), batch_rows(args.manifest, args.batch), args.out, work, upstream=[args.input])
 
 
 def derivative_path(root: Path, row: pd.Series, seg: str, suffix: str = "msk.nii.gz") -> Path:
-    """SPINEPS/BIDS-derivative name of a result, e.g. ``…_mod-T2w_seg-spine_msk.nii.gz`` or ``…_seg-vert_snp.png``."""
-    folder = root / f"sub-{row.subject}" / (f"ses-{row.session}" if row.session else "") / "anat"
-    return folder / f"{row.image_id}_mod-T2w_seg-{seg}_{suffix}"
+    """`layout.derivative` of a manifest row."""
+    return layout.derivative(root, row.subject, row.session, row.image_id, seg, suffix)
 
 
 def _level_names(instance: np.ndarray, counted: bool) -> dict[int, str]:
@@ -221,16 +219,16 @@ def _restore(args: argparse.Namespace) -> None:
 
     def work(row: pd.Series) -> Outcome:
         image, affine = io.load_image(row.image)
-        seg, seg_affine = io.load_mask(args.input / f"{row.image_id}_seg-spine-raw_msk.nii.gz")
+        seg, seg_affine = io.load_mask(layout.raw_semantic(args.input, row.image_id))
         semantic = resample(seg, seg_affine, (image.shape, affine), kind="nearest")
-        vert, vert_affine = io.load_mask(args.instances / f"{row.image_id}_seg-vert-raw_msk.nii.gz")
+        vert, vert_affine = io.load_mask(layout.raw_instances(args.instances, row.image_id))
         # Ids on the input grid, for exactly the semantic mask's structure voxels (SPINEPS's masks coincide too).
         instance, unclaimed = claim_instances(semantic, resample(vert, vert_affine, (image.shape, affine), kind="nearest"),
                                               spacing_of(affine), radius_mm=2 * max(spacing_of(vert_affine)))
         io.save_nifti(derivative_path(args.derivatives, row, "spine"), semantic, affine, dtype=np.uint8)
         io.save_nifti(derivative_path(args.derivatives, row, "vert"), instance, affine, dtype=np.uint16)
         mode = numbering[row.image_id]
-        snapshot = derivative_path(args.derivatives, row, "vert", "snp.png")
+        snapshot = derivative_path(args.derivatives, row, *layout.SNAPSHOT)
         snapshot_png(snapshot, image, instance, affine, title=f"{row.image_id} ({row.region}, {mode})",
                      names=_level_names(instance, counted=mode == "count"))
         with io.atomic_path(args.out / snapshot.name) as tmp:  # the report's copy, next to the ledger
@@ -238,7 +236,7 @@ def _restore(args: argparse.Namespace) -> None:
         note = f"{unclaimed} structure voxels no instance claims: removed from both masks" if unclaimed else ""
         return {"message": note, "numbering": mode, "unclaimed_voxels": str(unclaimed)}
 
-    run_stage("restore", batch_rows(args.manifest, args.batch), args.out, work, upstream=[args.input, args.instances])
+    run_stage(layout.ledger_stage("restore"), batch_rows(args.manifest, args.batch), args.out, work, upstream=[args.input, args.instances])
 
 
 def _score(args: argparse.Namespace) -> None:
@@ -262,15 +260,15 @@ def _score(args: argparse.Namespace) -> None:
                                            Path(row.reference_semantic) if row.reference_semantic else None))
         parts.extend(scored)
 
-    run_stage("score", with_reference, args.out, work, upstream=[args.input])
-    write_scores(args.out / "scores.parquet", pd.concat(parts, ignore_index=True) if parts else pd.DataFrame())
+    run_stage(layout.ledger_stage("score"), with_reference, args.out, work, upstream=[args.input])
+    write_scores(args.out / layout.BATCH_SCORES, pd.concat(parts, ignore_index=True) if parts else pd.DataFrame())
 
 
 def _summarize(args: argparse.Namespace) -> None:
     from . import summary
 
     args.out.mkdir(parents=True, exist_ok=True)
-    table = summary.read_scores([folder / "scores.parquet" for folder in args.scores])
+    table = summary.read_scores([folder / layout.BATCH_SCORES for folder in args.scores])
     summary.write_partitioned(table, args.dataset)
     scores = table.to_pandas()
     stats = summary.by_region(scores)

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
 
-from . import cohort, geometry, io
+from . import cohort, geometry, io, layout
 from . import labels as L
 from .defaults import N4 as N4_DEFAULTS
 from .models import SEMANTIC_INDEX, nnunet_dataset_json, semantic_inference_config
@@ -127,7 +127,7 @@ def write_raw_dataset(
     folder = Path(folder)
     for row in table.itertuples(index=False):
         image, labels, affine = preprocess_pair(row.image, row.reference_semantic, orientation=orientation, spacing=spacing, n4=n4, threads=threads)
-        io.save_nifti(folder / "imagesTr" / f"{row.image_id}_0000.nii.gz", image, affine, dtype=np.float32)
+        io.save_nifti(layout.model_input(folder / "imagesTr", row.image_id), image, affine, dtype=np.float32)
         io.save_nifti(folder / "labelsTr" / f"{row.image_id}.nii.gz", to_model_indices(labels), affine, dtype=np.uint8)
     dataset = nnunet_dataset_json(len(SEMANTIC_INDEX) + 1)
     dataset["numTraining"] = len(table)

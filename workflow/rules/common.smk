@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from spinecohort import cohort, phantom, semantic
+from spinecohort import cohort, layout, phantom, semantic
 
 RESULTS = Path(config["results"])
 WORK = RESULTS / "work"
@@ -15,8 +15,13 @@ LOGS = RESULTS / "logs"
 BENCH = RESULTS / "benchmarks"
 DERIVATIVES = RESULTS / "derivatives" / "spinecohort"
 SUMMARY = RESULTS / "summary"
-# Stage folders of a batch whose ledgers feed the failures table (fold folders are temporary).
-LEDGER_STAGES = ("n4", "resampled", "semantic", "instances", "restore", "scores")
+
+
+def stage_dir(command):
+    """A batch's work folder of a stage (`spinecohort.layout`: one source for every name)."""
+    return WORK / "{batch}" / layout.folder(command)
+
+
 MANIFEST = (
     str(RESULTS / "demo" / "cohort.tsv")
     if config["demo"]["enabled"]
@@ -91,6 +96,14 @@ def get_instance_model_file(name):
     return str(Path(INSTANCE_MODEL) / name)
 
 
+def get_fold_logits(wildcards):
+    """The batch's fold logit folders, in fold order (the averaging order)."""
+    return [
+        str(WORK / wildcards.batch / layout.folder("predict-fold").format(fold=f))
+        for f in FOLDS
+    ]
+
+
 def get_fold_checkpoints():
     return [get_model_file(f"fold_{f}/checkpoint_final.pth") for f in FOLDS]
 
@@ -106,9 +119,9 @@ def get_final_output(wildcards):
 def get_ledgers(score_folders):
     """ledger.tsv of every stage of the batches whose score folders are given."""
     return [
-        str(Path(folder).parent / stage / "ledger.tsv")
+        str(Path(folder).parent / stage / layout.LEDGER)
         for folder in score_folders
-        for stage in LEDGER_STAGES
+        for stage in layout.LEDGER_FOLDERS
     ]
 
 

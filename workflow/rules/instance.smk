@@ -4,10 +4,10 @@
 rule assemble_instances:
     input:
         manifest=ancient(MANIFEST),
-        semantic=WORK / "{batch}" / "semantic",
+        semantic=stage_dir("average-folds"),
         model=get_instance_model_file("inference_config.json"),
     output:
-        directory(WORK / "{batch}" / "instances"),
+        directory(stage_dir("assemble-instances")),
     log:
         LOGS / "assemble_instances" / "{batch}.log",
     benchmark:

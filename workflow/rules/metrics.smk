@@ -4,9 +4,9 @@
 rule score:
     input:
         manifest=ancient(MANIFEST),
-        restore=WORK / "{batch}" / "restore",
+        restore=stage_dir("restore"),
     output:
-        directory(WORK / "{batch}" / "scores"),
+        directory(stage_dir("score")),
     log:
         LOGS / "score" / "{batch}.log",
     benchmark:
@@ -30,7 +30,7 @@ rule score:
 
 rule summarize:
     input:
-        scores=expand(WORK / "{batch}" / "scores", batch=get_batches()),
+        scores=expand(stage_dir("score"), batch=get_batches()),
     output:
         dataset=directory(RESULTS / "scores"),
         by_region=SUMMARY / "by_region.parquet",

@@ -2,7 +2,7 @@ rule bias_correct:
     input:
         manifest=ancient(MANIFEST),
     output:
-        directory(WORK / "{batch}" / "n4"),
+        directory(stage_dir("bias-correct")),
     log:
         LOGS / "bias_correct" / "{batch}.log",
     benchmark:
@@ -27,10 +27,10 @@ rule bias_correct:
 rule resample:
     input:
         manifest=ancient(MANIFEST),
-        n4=WORK / "{batch}" / "n4",
+        n4=stage_dir("bias-correct"),
         model=get_model_file("inference_config.json"),
     output:
-        directory(WORK / "{batch}" / "resampled"),
+        directory(stage_dir("resample")),
     log:
         LOGS / "resample" / "{batch}.log",
     benchmark:

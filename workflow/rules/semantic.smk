@@ -1,11 +1,11 @@
 rule predict_fold:
     input:
         manifest=ancient(MANIFEST),
-        resampled=WORK / "{batch}" / "resampled",
+        resampled=stage_dir("resample"),
         model=get_model_file("inference_config.json"),
         checkpoint=get_model_file("fold_{fold}/checkpoint_final.pth"),
     output:
-        temp(directory(WORK / "{batch}" / "logits_fold{fold}")),
+        temp(directory(stage_dir("predict-fold"))),
     log:
         LOGS / "predict_fold" / "{batch}_fold{fold}.log",
     benchmark:
@@ -29,10 +29,10 @@ rule average_folds:
     input:
         manifest=ancient(MANIFEST),
         model=get_model_file("inference_config.json"),
-        folds=expand(WORK / "{{batch}}" / "logits_fold{fold}", fold=FOLDS),
-        resampled=WORK / "{batch}" / "resampled",
+        folds=get_fold_logits,
+        resampled=stage_dir("resample"),
     output:
-        directory(WORK / "{batch}" / "semantic"),
+        directory(stage_dir("average-folds")),
     log:
         LOGS / "average_folds" / "{batch}.log",
     benchmark:
@@ -52,12 +52,12 @@ rule average_folds:
 rule restore:
     input:
         manifest=ancient(MANIFEST),
-        semantic=WORK / "{batch}" / "semantic",
-        instances=WORK / "{batch}" / "instances",
+        semantic=stage_dir("average-folds"),
+        instances=stage_dir("assemble-instances"),
     output:
         report(
-            directory(WORK / "{batch}" / "restore"),
-            patterns=["{image_id}_mod-T2w_seg-vert_snp.png"],
+            directory(stage_dir("restore")),
+            patterns=[layout.SNAPSHOT_PATTERN],
             caption="../report/snapshots.rst",
             category="QC snapshots",
             subcategory="{batch}",

@@ -1,0 +1,104 @@
+"""Every file and folder name the workflow writes, in one place (the rules, the stages and the tests read it).
+
+Light on purpose: the Snakefile imports it at every parse.
+
+    results/work/<batch>/<stage folder>/   per-batch stage outputs and ledger.tsv
+    results/derivatives/spinecohort/       SPINEPS/BIDS derivatives (see `derivative`)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Final, NamedTuple
+
+LEDGER: Final = "ledger.tsv"
+BATCH_SCORES: Final = "scores.parquet"
+
+
+class BatchStage(NamedTuple):
+    command: str  # `spinecohort <command>`, also what the crash test kills
+    ledger: str  # the ledger's `stage` column
+    folder: str  # under results/work/<batch>/; the fold folders hold the fold number ({fold})
+    kept: bool  # its ledger outlives the run (fold folders are temporary)
+
+
+# The per-batch stages in workflow order; `summarize` follows, cohort-wide.
+BATCH_STAGES: Final = (
+    BatchStage("bias-correct", "bias_correct", "n4", True),
+    BatchStage("resample", "resample", "resampled", True),
+    BatchStage("predict-fold", "predict_fold{fold}", "logits_fold{fold}", False),
+    BatchStage("average-folds", "average_folds", "semantic", True),
+    BatchStage("assemble-instances", "assemble_instances", "instances", True),
+    BatchStage("restore", "restore", "restore", True),
+    BatchStage("score", "score", "scores", True),
+)
+COHORT_STAGES: Final = ("summarize",)
+LEDGER_FOLDERS: Final = tuple(s.folder for s in BATCH_STAGES if s.kept)
+
+
+def _stage(command: str) -> BatchStage:
+    return next(s for s in BATCH_STAGES if s.command == command)
+
+
+def folder(command: str) -> str:
+    """The work folder of a per-batch stage, by its command.
+
+    >>> folder("assemble-instances")
+    'instances'
+    """
+    return _stage(command).folder
+
+
+def ledger_stage(command: str, *, fold: int | None = None) -> str:
+    """The `stage` a per-batch stage writes in its ledger.
+
+    >>> ledger_stage("predict-fold", fold=2)
+    'predict_fold2'
+    """
+    return _stage(command).ledger.format(fold=fold)
+
+
+def n4_image(folder: Path, image_id: str) -> Path:
+    return folder / f"{image_id}.nii.gz"
+
+
+def model_input(folder: Path, image_id: str) -> Path:
+    """The image in the semantic model's space; nnU-Net's reader picks files by the _0000 channel suffix."""
+    return folder / f"{image_id}_0000.nii.gz"
+
+
+def fold_logits(folder: Path, image_id: str) -> Path:
+    return folder / f"{image_id}.b2nd"
+
+
+def fold_properties(folder: Path, image_id: str) -> Path:
+    return folder / f"{image_id}.json"
+
+
+def raw_semantic(folder: Path, image_id: str) -> Path:
+    """The semantic mask in the model's space (before restoring)."""
+    return folder / f"{image_id}_seg-spine-raw_msk.nii.gz"
+
+
+def raw_instances(folder: Path, image_id: str) -> Path:
+    """The instance mask in the instance model's space (before restoring)."""
+    return folder / f"{image_id}_seg-vert-raw_msk.nii.gz"
+
+
+# What restore writes per image: (seg entity, suffix) of each derivative.
+DERIVATIVES: Final = (("spine", "msk.nii.gz"), ("vert", "msk.nii.gz"), ("vert", "snp.png"))
+SNAPSHOT: Final = ("vert", "snp.png")
+
+
+def derivative(root: Path, subject: str, session: str, image_id: str, seg: str, suffix: str = "msk.nii.gz") -> Path:
+    """SPINEPS/BIDS-derivative name of a result, e.g. ``…_mod-T2w_seg-spine_msk.nii.gz`` or ``…_seg-vert_snp.png``.
+
+    >>> derivative(Path("d"), "01", "", "sub-01_acq-sag_chunk-LWS", "vert").as_posix()
+    'd/sub-01/anat/sub-01_acq-sag_chunk-LWS_mod-T2w_seg-vert_msk.nii.gz'
+    """
+    subject_folder = root / f"sub-{subject}" / (f"ses-{session}" if session else "") / "anat"
+    return subject_folder / f"{image_id}_mod-T2w_seg-{seg}_{suffix}"
+
+
+# The report's pattern for restore's copies of the snapshots, next to its ledger.
+SNAPSHOT_PATTERN: Final = derivative(Path(), "x", "", "{image_id}", *SNAPSHOT).name
