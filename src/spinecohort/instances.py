@@ -38,8 +38,6 @@ __all__ = [
     "Predictor",
     "assemble",
     "claim_instances",
-    "choose_numbering",
-    "drop_fragments",
     "corpus_centres",
     "cutout_predictions",
     "finish_instances",
@@ -350,7 +348,7 @@ def _neighbour_median(volumes: Sequence[float], k: int, reach: int) -> float:
     return float(np.median(others)) if others else float("nan")
 
 
-def drop_fragments(vertebrae: list[_Vertebra], min_mm3: float) -> tuple[list[_Vertebra], list[_Vertebra]]:
+def _drop_fragments(vertebrae: list[_Vertebra], min_mm3: float) -> tuple[list[_Vertebra], list[_Vertebra]]:
     """(kept, dropped): pieces under `min_mm3`, and border-free pieces far smaller than their neighbours."""
     kept = [v for v in vertebrae if v.mm3 >= min_mm3]
     volumes = [v.mm3 for v in kept]
@@ -386,7 +384,7 @@ def _sacrum_problem(vertebrae: list[_Vertebra], sacrum: NDArray[np.bool_], voxel
     return ""
 
 
-def choose_numbering(region: str, vertebrae: list[_Vertebra], discs: list[NDArray[np.int64]],
+def _choose_numbering(region: str, vertebrae: list[_Vertebra], discs: list[NDArray[np.int64]],
                      sacrum: NDArray[np.bool_], voxel_mm3: float) -> Numbering:
     """The station's anchor: C2 (cervical) or the sacrum (lumbar) when it passes its checks, else a count."""
     if not vertebrae:
@@ -433,15 +431,15 @@ def number_instances(instance: NDArray[np.integer], seg: NDArray[np.integer], re
                      voxel_mm3: float, min_mm3: float) -> tuple[NDArray[np.uint16], Numbering]:
     """Final ids: vertebrae by level (or a count), sacrum 26, IVD 100+X and endplate 200+X after the vertebra above.
 
-    Fragments (see `drop_fragments`) and sacrum pieces under `min_mm3` get no id; restoring counts their voxels.
+    Fragments (see `_drop_fragments`) and sacrum pieces under `min_mm3` get no id; restoring counts their voxels.
     """
-    vertebrae, _ = drop_fragments(_vertebrae(instance, seg, voxel_mm3), min_mm3)
+    vertebrae, _ = _drop_fragments(_vertebrae(instance, seg, voxel_mm3), min_mm3)
     min_voxels = max(1, int(np.ceil(min_mm3 / voxel_mm3)))
     discs = _components(seg == L.IVD, 1)
     sacrum = np.zeros(seg.shape, bool)
     for piece in _components(seg == L.SACRUM, min_voxels):
         sacrum[tuple(piece.T)] = True
-    numbering = choose_numbering(region, vertebrae, [d for d in discs if len(d) >= min_voxels], sacrum, voxel_mm3)
+    numbering = _choose_numbering(region, vertebrae, [d for d in discs if len(d) >= min_voxels], sacrum, voxel_mm3)
     levels, before_top = vertebra_levels(len(vertebrae), numbering.mode)
     lut = np.zeros(int(instance.max()) + 1, np.uint16)  # merged id -> level; fragments -> 0
     for v, level in zip(vertebrae, levels):
@@ -459,26 +457,14 @@ def number_instances(instance: NDArray[np.integer], seg: NDArray[np.integer], re
     return out, numbering
 
 
-def _vertebra_ids(ids: NDArray[np.integer]) -> NDArray[np.bool_]:
-    return (ids > 0) & (ids < L.IVD_OFFSET) & (ids != L.SACRUM)
-
-
-def _ivd_ids(ids: NDArray[np.integer]) -> NDArray[np.bool_]:
-    return (ids >= L.IVD_OFFSET) & (ids < L.ENDPLATE_OFFSET)
-
-
-def _endplate_ids(ids: NDArray[np.integer]) -> NDArray[np.bool_]:
-    return ids >= L.ENDPLATE_OFFSET
-
-
 # Semantic labels, and the instance ids that may claim them in turn, with the shift from the
 # claiming id to the claimed one. An endplate is one voxel thin: in the coarser instance grid
 # it can vanish where a disc remains, so the disc it borders names it (IVD 100+X -> 200+X).
 _CLAIMS: Final = (
-    (L.VERTEBRA_PARTS, ((_vertebra_ids, 0),)),
+    (L.VERTEBRA_PARTS, ((L.vertebra_ids, 0),)),
     ((L.SACRUM,), ((lambda ids: ids == L.SACRUM, 0),)),
-    ((L.IVD,), ((_ivd_ids, 0), (_endplate_ids, L.IVD_OFFSET - L.ENDPLATE_OFFSET))),
-    ((L.ENDPLATE,), ((_endplate_ids, 0), (_ivd_ids, L.ENDPLATE_OFFSET - L.IVD_OFFSET))),
+    ((L.IVD,), ((L.ivd_ids, 0), (L.endplate_ids, L.IVD_OFFSET - L.ENDPLATE_OFFSET))),
+    ((L.ENDPLATE,), ((L.endplate_ids, 0), (L.ivd_ids, L.ENDPLATE_OFFSET - L.IVD_OFFSET))),
 )
 
 

@@ -63,6 +63,21 @@ INSTANCE_MASK_IDS: Final = frozenset(
 )
 
 
+def vertebra_ids(ids):
+    """Where an instance mask holds a vertebra (not the sacrum, an IVD or an endplate)."""
+    return (ids > 0) & (ids < IVD_OFFSET) & (ids != SACRUM)
+
+
+def ivd_ids(ids):
+    """Where an instance mask holds an IVD (100+X)."""
+    return (ids >= IVD_OFFSET) & (ids < ENDPLATE_OFFSET)
+
+
+def endplate_ids(ids):
+    """Where an instance mask holds an endplate (200+X)."""
+    return ids >= ENDPLATE_OFFSET
+
+
 def unknown_ids(mask, allowed: frozenset[int]) -> list[int]:
     """The label ids in `mask` outside `allowed`, sorted (a reference that holds any is mislabeled)."""
     import numpy as np

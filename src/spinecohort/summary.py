@@ -127,8 +127,7 @@ def level_score_rows(row: pd.Series, pred_path: Path, ref_path: Path, numbering:
     if ref_semantic is not None:
         corpus = io.load_mask(ref_semantic)[0] == L.CORPUS
         ids = [k for k in ids if (corpus & (ref == k)).any()]
-    vertebra = lambda m: int(((m > 0) & (m < L.IVD_OFFSET) & (m != L.SACRUM)).sum())  # noqa: E731
-    keys = {"pred_voxels": vertebra(pred), "ref_voxels": vertebra(ref), "definition": ""}
+    keys = {"pred_voxels": int(L.vertebra_ids(pred).sum()), "ref_voxels": int(L.vertebra_ids(ref).sum()), "definition": ""}
     nan = float("nan")
     values = {"id_rate": nan, "localisation_mm": nan, "identified": nan, "scored": float(len(ids))}
     if numbering != "count":
