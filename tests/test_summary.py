@@ -53,11 +53,13 @@ def test_table_s1_has_the_supplements_layout():
 
 def test_failures_table_prefers_the_failing_stage_over_later_skips(tmp_path: Path):
     io.write_tsv(tmp_path / "a.tsv", pd.DataFrame({"image_id": ["x", "y"], "stage": ["restore"] * 2,
-                                                   "status": ["skipped", "ok"], "message": ["x.nii.gz: NaN voxels", ""]}))
+                                                   "status": ["skipped", "ok"], "message": ["x.nii.gz: NaN voxels", ""],
+                                                   "numbering": ["", "C2"]}))  # a stage's fact column
     io.write_tsv(tmp_path / "b.tsv", pd.DataFrame({"image_id": ["x"], "stage": ["bias_correct"], "status": ["failed"],
                                                    "message": ["x.nii.gz: NaN voxels"]}))
     table = summary.failures([tmp_path / "a.tsv", tmp_path / "b.tsv"])
-    assert table[["image_id", "stage", "status"]].values.tolist() == [["x", "bias_correct", "failed"]]
+    assert table.values.tolist() == [["x", "bias_correct", "failed", "x.nii.gz: NaN voxels"]]
+    assert list(table.columns) == ["image_id", "stage", "status", "message"]
 
 
 @pytest.fixture

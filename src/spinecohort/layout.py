@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Final, NamedTuple
 
 LEDGER: Final = "ledger.tsv"
+LEDGER_COLUMNS: Final = ("image_id", "stage", "status", "message")  # then each stage's own fact columns
 BATCH_SCORES: Final = "scores.parquet"
 
 

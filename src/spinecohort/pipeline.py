@@ -2,7 +2,8 @@
 
 Every image is processed on its own: a failure is written to the stage's
 ledger (``<out>/ledger.tsv``: image_id, stage, status, message, then the
-stage's own fact columns, e.g. ``numbering``) and the batch goes on. Later stages skip images that an earlier stage failed, carrying the
+stage's own fact columns, e.g. ``numbering``) and the batch goes on. Later
+stages skip images that an earlier stage failed, carrying the
 reason along. Files are written atomically (see `io.atomic_path`).
 """
 
@@ -29,7 +30,6 @@ from .metrics import ASSD_DEFINITIONS
 log = logging.getLogger("spinecohort")
 
 LEDGER = layout.LEDGER
-LEDGER_COLUMNS = ["image_id", "stage", "status", "message"]
 # What a stage's work returns for an image: nothing, a note (the ledger message), or
 # the message and fact columns of the stage's ledger ({"message": …, "numbering": …}).
 Outcome = str | dict[str, str] | None
@@ -101,7 +101,7 @@ def run_stage(
             message = str(exc) if isinstance(exc, ValueError) else f"{row.image}: {type(exc).__name__}: {exc}"
             log.error("%s failed in %s: %s\n%s", row.image_id, stage, message, traceback.format_exc())
             records.append({**record, "status": "failed", "message": message})
-    ledger = pd.DataFrame(records, columns=list(dict.fromkeys([*LEDGER_COLUMNS, *(k for r in records for k in r)]))).fillna("")
+    ledger = pd.DataFrame(records, columns=list(dict.fromkeys([*layout.LEDGER_COLUMNS, *(k for r in records for k in r)]))).fillna("")
     io.write_tsv(out / LEDGER, ledger)
     log.info("%s: %d ok, %d failed, %d skipped", stage, *(int((ledger.status == s).sum()) for s in ("ok", "failed", "skipped")))
     return ledger

@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from . import io, metrics
+from . import io, layout, metrics
 from . import labels as L
 from .geometry import geometry_mismatch
 from .labels import REGIONS
@@ -293,8 +293,8 @@ def failures(ledgers: Sequence[Path]) -> pd.DataFrame:
     be gone, so a skipped row is all that is left of a failed fold).
     """
     tables = [pd.read_csv(p, sep="\t", dtype=str, keep_default_na=False) for p in ledgers]
-    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["image_id", "stage", "status", "message"])
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=list(layout.LEDGER_COLUMNS))
     table = table[table.status != "ok"].copy()
     table["order"] = (table.status != "failed").astype(int)
     table = table.sort_values(["image_id", "order"], kind="stable").drop_duplicates("image_id")
-    return table[["image_id", "stage", "status", "message"]].reset_index(drop=True)
+    return table[list(layout.LEDGER_COLUMNS)].reset_index(drop=True)
