@@ -216,3 +216,19 @@ def test_manifest_schema_and_checks_require_the_same_columns(small_cohort: Path,
     with pytest.raises(cohort.ManifestError, match=f"missing column.*{column}"):
         cohort.check_manifest(table)
     assert set(schema["required"]) | {"reference_semantic", "reference_instance"} == set(cohort.COLUMNS) == set(schema["properties"])
+
+
+def test_every_stage_of_the_layout_is_a_command_whose_options_fill_its_driver():
+    import inspect
+
+    from spinecohort import layout
+    from spinecohort.cli import build_parser
+
+    commands = [*(stage.command for stage in layout.BATCH_STAGES), *layout.COHORT_STAGES]
+    assert list(pipeline.STAGE_COMMANDS) == commands
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for command in commands:
+        dests = {a.dest for a in sub[command]._actions}
+        driver = pipeline.STAGE_COMMANDS[command][0]
+        assert set(inspect.signature(driver).parameters) <= dests, command
+        assert all(a.help for a in sub[command]._actions), command  # every option says what it is

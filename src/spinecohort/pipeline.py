@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
+import inspect
 import json
 import logging
 import shutil
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -107,66 +110,73 @@ def run_stage(
     return ledger
 
 
-def _bias_correct(args: argparse.Namespace) -> None:
+def _bias_correct(
+    *, manifest: Path, batch: str, out: Path, threads: int, shrink: Sequence[int], iterations: Sequence[int], bias_fwhm: float
+) -> None:
     from .preprocess import bias_correct
 
     def work(row: pd.Series) -> None:
         image, affine = io.load_image(row.image)
         result = bias_correct(
-            image, affine, shrink=args.shrink, iterations=args.iterations, bias_fwhm=args.bias_fwhm, threads=args.threads
+            image, affine, shrink=shrink, iterations=iterations, bias_fwhm=bias_fwhm, threads=threads
         )
         log.info("%s: N4 mask covers %.1f %% of the image", row.image_id, 100 * result.mask_fraction)
-        io.save_nifti(layout.n4_image(args.out, row.image_id), result.corrected, affine, dtype=np.float32)
+        io.save_nifti(layout.n4_image(out, row.image_id), result.corrected, affine, dtype=np.float32)
 
-    run_stage(layout.ledger_stage("bias-correct"), batch_rows(args.manifest, args.batch), args.out, work)
+    run_stage(layout.ledger_stage("bias-correct"), batch_rows(manifest, batch), out, work)
 
 
-def _resample(args: argparse.Namespace) -> None:
+def _resample(*, manifest: Path, batch: str, out: Path, threads: int, input: Path, model: Path) -> None:
     from .preprocess import to_model_space
     from .semantic import read_model_config
 
-    model = read_model_config(args.model)
+    config = read_model_config(model)
 
     def work(row: pd.Series) -> None:
-        image, affine = io.load_image(layout.n4_image(args.input, row.image_id))
-        out, out_affine = to_model_space(image, affine, orientation=model.orientation, spacing=model.spacing, threads=args.threads)
-        io.save_nifti(layout.model_input(args.out, row.image_id), out, out_affine, dtype=np.float32)
+        image, affine = io.load_image(layout.n4_image(input, row.image_id))
+        resampled, resampled_affine = to_model_space(image, affine, orientation=config.orientation, spacing=config.spacing,
+                                                     threads=threads)
+        io.save_nifti(layout.model_input(out, row.image_id), resampled, resampled_affine, dtype=np.float32)
 
-    run_stage(layout.ledger_stage("resample"), batch_rows(args.manifest, args.batch), args.out, work, upstream=[args.input])
+    run_stage(layout.ledger_stage("resample"), batch_rows(manifest, batch), out, work, upstream=[input])
 
 
-def _predict_fold(args: argparse.Namespace) -> None:
+def _predict_fold(
+    *, manifest: Path, batch: str, out: Path, threads: int, input: Path, model: Path, fold: int, device: str
+) -> None:
     from .semantic import FoldPredictor, read_model_config
 
-    predictor = FoldPredictor(read_model_config(args.model), args.fold, device=args.device, threads=args.threads)
-    log.info("fold %d on device %s", args.fold, predictor.device)
+    predictor = FoldPredictor(read_model_config(model), fold, device=device, threads=threads)
+    log.info("fold %d on device %s", fold, predictor.device)
 
     def work(row: pd.Series) -> None:
-        logits, props = predictor.predict(layout.model_input(args.input, row.image_id))
-        io.write_json(layout.fold_properties(args.out, row.image_id), props)
-        io.save_logits(layout.fold_logits(args.out, row.image_id), logits)
+        logits, props = predictor.predict(layout.model_input(input, row.image_id))
+        io.write_json(layout.fold_properties(out, row.image_id), props)
+        io.save_logits(layout.fold_logits(out, row.image_id), logits)
 
-    run_stage(layout.ledger_stage("predict-fold", fold=args.fold), batch_rows(args.manifest, args.batch), args.out, work, upstream=[args.input])
+    run_stage(layout.ledger_stage("predict-fold", fold=fold), batch_rows(manifest, batch), out, work, upstream=[input])
 
 
-def _average_folds(args: argparse.Namespace) -> None:
+def _average_folds(*, manifest: Path, batch: str, out: Path, model: Path, folds: list[Path], resampled: Path) -> None:
     from .geometry import spacing_of
     from .semantic import average_fold_logits, clean_semantic, logits_to_segmentation, map_labels, read_model_config
 
-    model = read_model_config(args.model)
+    config = read_model_config(model)
 
     def work(row: pd.Series) -> None:
-        logits = [io.load_logits(layout.fold_logits(folder, row.image_id)) for folder in args.folds]
-        props = io.read_json(layout.fold_properties(args.folds[0], row.image_id))
-        seg = logits_to_segmentation(model.path, average_fold_logits(logits), props)
-        affine = io.load_affine(layout.model_input(args.resampled, row.image_id))
-        seg = clean_semantic(map_labels(seg, model.labels), spacing_of(affine))
-        io.save_nifti(layout.raw_semantic(args.out, row.image_id), seg, affine, dtype=np.uint8)
+        logits = [io.load_logits(layout.fold_logits(folder, row.image_id)) for folder in folds]
+        props = io.read_json(layout.fold_properties(folds[0], row.image_id))
+        seg = logits_to_segmentation(config.path, average_fold_logits(logits), props)
+        affine = io.load_affine(layout.model_input(resampled, row.image_id))
+        seg = clean_semantic(map_labels(seg, config.labels), spacing_of(affine))
+        io.save_nifti(layout.raw_semantic(out, row.image_id), seg, affine, dtype=np.uint8)
 
-    run_stage(layout.ledger_stage("average-folds"), batch_rows(args.manifest, args.batch), args.out, work, upstream=args.folds)
+    run_stage(layout.ledger_stage("average-folds"), batch_rows(manifest, batch), out, work, upstream=folds)
 
 
-def _assemble_instances(args: argparse.Namespace) -> None:
+def _assemble_instances(
+    *, manifest: Path, batch: str, out: Path, threads: int, input: Path, model: Path, device: str
+) -> None:
     import torch
 
     from .geometry import resample, target_grid
@@ -174,19 +184,19 @@ def _assemble_instances(args: argparse.Namespace) -> None:
     from .instances import assemble, read_instance_model
     from .semantic import pick_device
 
-    torch.set_num_threads(args.threads)
-    model = read_instance_model(args.model)
-    predictor = NetworkPredictor(model.checkpoint, device=pick_device(args.device))
-    log.info("instance model %s on device %s", model.checkpoint, predictor.device)
+    torch.set_num_threads(threads)
+    config = read_instance_model(model)
+    predictor = NetworkPredictor(config.checkpoint, device=pick_device(device))
+    log.info("instance model %s on device %s", config.checkpoint, predictor.device)
 
     def work(row: pd.Series) -> Outcome:
-        seg, affine = io.load_mask(layout.raw_semantic(args.input, row.image_id))
-        grid = target_grid(seg.shape, affine, model.orientation, model.spacing)
-        instance, numbering = assemble(resample(seg, affine, grid, kind="nearest"), model, predictor, row.region)
-        io.save_nifti(layout.raw_instances(args.out, row.image_id), instance, grid[1], dtype=np.uint16)
+        seg, affine = io.load_mask(layout.raw_semantic(input, row.image_id))
+        grid = target_grid(seg.shape, affine, config.orientation, config.spacing)
+        instance, numbering = assemble(resample(seg, affine, grid, kind="nearest"), config, predictor, row.region)
+        io.save_nifti(layout.raw_instances(out, row.image_id), instance, grid[1], dtype=np.uint16)
         return {"message": numbering.reason, "numbering": numbering.mode}
 
-    run_stage(layout.ledger_stage("assemble-instances"), batch_rows(args.manifest, args.batch), args.out, work, upstream=[args.input])
+    run_stage(layout.ledger_stage("assemble-instances"), batch_rows(manifest, batch), out, work, upstream=[input])
 
 
 def derivative_path(root: Path, row: pd.Series, seg: str, suffix: str = "msk.nii.gz") -> Path:
@@ -210,40 +220,42 @@ def _level_names(instance: np.ndarray, counted: bool) -> dict[int, str]:
     return names
 
 
-def _restore(args: argparse.Namespace) -> None:
+def _restore(*, manifest: Path, batch: str, out: Path, input: Path, instances: Path, derivatives: Path) -> None:
     from .geometry import resample, spacing_of
     from .instances import claim_instances
     from .qc import snapshot_png
 
-    numbering = ledger_facts(args.instances, "numbering")
+    numbering = ledger_facts(instances, "numbering")
 
     def work(row: pd.Series) -> Outcome:
         image, affine = io.load_image(row.image)
-        seg, seg_affine = io.load_mask(layout.raw_semantic(args.input, row.image_id))
+        seg, seg_affine = io.load_mask(layout.raw_semantic(input, row.image_id))
         semantic = resample(seg, seg_affine, (image.shape, affine), kind="nearest")
-        vert, vert_affine = io.load_mask(layout.raw_instances(args.instances, row.image_id))
+        vert, vert_affine = io.load_mask(layout.raw_instances(instances, row.image_id))
         # Ids on the input grid, for exactly the semantic mask's structure voxels (SPINEPS's masks coincide too).
         instance, unclaimed = claim_instances(semantic, resample(vert, vert_affine, (image.shape, affine), kind="nearest"),
                                               spacing_of(affine), radius_mm=2 * max(spacing_of(vert_affine)))
-        io.save_nifti(derivative_path(args.derivatives, row, "spine"), semantic, affine, dtype=np.uint8)
-        io.save_nifti(derivative_path(args.derivatives, row, "vert"), instance, affine, dtype=np.uint16)
+        io.save_nifti(derivative_path(derivatives, row, "spine"), semantic, affine, dtype=np.uint8)
+        io.save_nifti(derivative_path(derivatives, row, "vert"), instance, affine, dtype=np.uint16)
         mode = numbering[row.image_id]
-        snapshot = derivative_path(args.derivatives, row, *layout.SNAPSHOT)
+        snapshot = derivative_path(derivatives, row, *layout.SNAPSHOT)
         snapshot_png(snapshot, image, instance, affine, title=f"{row.image_id} ({row.region}, {mode})",
                      names=_level_names(instance, counted=mode == "count"))
-        with io.atomic_path(args.out / snapshot.name) as tmp:  # the report's copy, next to the ledger
+        with io.atomic_path(out / snapshot.name) as tmp:  # the report's copy, next to the ledger
             shutil.copyfile(snapshot, tmp)
         note = f"{unclaimed} structure voxels no instance claims: removed from both masks" if unclaimed else ""
         return {"message": note, "numbering": mode, "unclaimed_voxels": str(unclaimed)}
 
-    run_stage(layout.ledger_stage("restore"), batch_rows(args.manifest, args.batch), args.out, work, upstream=[args.input, args.instances])
+    run_stage(layout.ledger_stage("restore"), batch_rows(manifest, batch), out, work, upstream=[input, instances])
 
 
-def _score(args: argparse.Namespace) -> None:
+def _score(
+    *, manifest: Path, batch: str, out: Path, input: Path, derivatives: Path, structures: dict[str, list[int]], assd: str
+) -> None:
     from .summary import image_score_rows, instance_score_rows, level_score_rows, write_scores
 
-    rows = batch_rows(args.manifest, args.batch)
-    numbering = ledger_facts(args.input, "numbering")
+    rows = batch_rows(manifest, batch)
+    numbering = ledger_facts(input, "numbering")
     with_reference = rows[(rows["reference_semantic"] != "") | (rows["reference_instance"] != "")]
     log.info("%d of %d images have a reference mask", len(with_reference), len(rows))
     parts = []
@@ -251,88 +263,102 @@ def _score(args: argparse.Namespace) -> None:
     def work(row: pd.Series) -> None:
         scored = []  # kept only if both references score: a failed image has no rows
         if row.reference_semantic:
-            pred = derivative_path(args.derivatives, row, "spine")
-            scored.append(image_score_rows(row, pred, Path(row.reference_semantic), args.structures, args.assd))
+            pred = derivative_path(derivatives, row, "spine")
+            scored.append(image_score_rows(row, pred, Path(row.reference_semantic), structures, assd))
         if row.reference_instance:
-            pred = derivative_path(args.derivatives, row, "vert")
-            scored.append(instance_score_rows(row, pred, Path(row.reference_instance), args.assd))
+            pred = derivative_path(derivatives, row, "vert")
+            scored.append(instance_score_rows(row, pred, Path(row.reference_instance), assd))
             scored.append(level_score_rows(row, pred, Path(row.reference_instance), numbering[row.image_id],
                                            Path(row.reference_semantic) if row.reference_semantic else None))
         parts.extend(scored)
 
-    run_stage(layout.ledger_stage("score"), with_reference, args.out, work, upstream=[args.input])
-    write_scores(args.out / layout.BATCH_SCORES, pd.concat(parts, ignore_index=True) if parts else pd.DataFrame())
+    run_stage(layout.ledger_stage("score"), with_reference, out, work, upstream=[input])
+    write_scores(out / layout.BATCH_SCORES, pd.concat(parts, ignore_index=True) if parts else pd.DataFrame())
 
 
-def _summarize(args: argparse.Namespace) -> None:
+def _summarize(*, out: Path, structures: list[str], scores: list[Path], ledgers: list[Path], dataset: Path) -> None:
     from . import summary
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    table = summary.read_scores([folder / layout.BATCH_SCORES for folder in args.scores])
-    summary.write_partitioned(table, args.dataset)
-    scores = table.to_pandas()
-    stats = summary.by_region(scores)
-    with io.atomic_path(args.out / "by_region.parquet") as tmp:
+    out.mkdir(parents=True, exist_ok=True)
+    table = summary.read_scores([folder / layout.BATCH_SCORES for folder in scores])
+    summary.write_partitioned(table, dataset)
+    rows = table.to_pandas()
+    stats = summary.by_region(rows)
+    with io.atomic_path(out / "by_region.parquet") as tmp:
         stats.to_parquet(tmp, index=False)
-    s1 = summary.table_s1(stats, args.structures)
-    n = scores.drop_duplicates("image_id").groupby("region").size()
+    s1 = summary.table_s1(stats, structures)
+    n = rows.drop_duplicates("image_id").groupby("region").size()
     counts = ", ".join(f"{r}: n={n[r]}" for r in REGIONS if r in n)
     caption = f"DSC and ASSD (mm), mean ± SD over images per station ({counts})"
-    summary.write_table_s1(s1, args.out, caption)
-    summary.write_levels_table(summary.levels_table(scores), args.out)
-    summary.box_plots(scores, args.out, args.structures)
-    io.write_tsv(args.out / "failures.tsv", summary.failures(args.ledgers))
-    log.info("summarised %d score rows of %d images", len(scores), scores["image_id"].nunique())
+    summary.write_table_s1(s1, out, caption)
+    summary.write_levels_table(summary.levels_table(rows), out)
+    summary.box_plots(rows, out, structures)
+    io.write_tsv(out / "failures.tsv", summary.failures(ledgers))
+    log.info("summarised %d score rows of %d images", len(rows), rows["image_id"].nunique())
+
+
+def _option(*flags: str, **kwargs: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+    return flags, kwargs
+
+
+_MODEL = _option("--model", type=model_folder, required=True, help="model folder or its inference_config.json")
+_DEVICE = _option("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
+_BATCH_OPTIONS = (
+    _option("--manifest", type=Path, required=True, help="cohort manifest TSV"),
+    _option("--batch", required=True, help="batch id, e.g. b0001"),
+    _option("--out", type=Path, required=True, help=f"output folder of this stage (holds {layout.LEDGER})"),
+    _option("--threads", type=int, default=1, help="CPU threads"),
+)
+# Every stage command of `layout`: its driver (keyword arguments named after the options), help and own
+# options. Per-batch stages also take `_BATCH_OPTIONS`; a driver receives the options its signature names.
+STAGE_COMMANDS: dict[str, tuple[Callable[..., None], str, tuple[tuple[tuple[str, ...], dict[str, Any]], ...]]] = {
+    "bias-correct": (_bias_correct, "N4 bias-field correction of a batch", (
+        _option("--shrink", type=int, nargs=3, default=N4_DEFAULTS["shrink"], help="in-plane, in-plane, through-plane"),
+        _option("--iterations", type=int, nargs="+", default=N4_DEFAULTS["iterations"], help="iterations per fitting level"),
+        _option("--bias-fwhm", type=float, default=N4_DEFAULTS["bias_fwhm"], help="N4 bias-field FWHM"))),
+    "resample": (_resample, "reorient and resample a batch into the semantic model's space", (
+        _option("--input", type=Path, required=True, help="the batch's N4 folder"), _MODEL)),
+    "predict-fold": (_predict_fold, "one nnU-Net fold over a batch: float16 logits", (
+        _option("--input", type=Path, required=True, help="the batch's resampled folder"), _MODEL,
+        _option("--fold", type=int, required=True, help="fold number"), _DEVICE)),
+    "average-folds": (_average_folds, "average fold logits, argmax, SPINEPS ids, clean-up", (
+        _option("--folds", type=Path, nargs="+", required=True, help="per-fold logit folders, in fold order"),
+        _option("--resampled", type=Path, required=True, help="the batch's resampled folder (its grids)"), _MODEL)),
+    "assemble-instances": (_assemble_instances, "vertebra instances from the semantic masks (cutout U-Net)", (
+        _option("--input", type=Path, required=True, help="the batch's semantic folder"),
+        _option("--model", type=model_folder, required=True, help="SPINEPS instance model folder or its inference_config.json"),
+        _DEVICE)),
+    "restore": (_restore, "semantic and instance masks back onto the input grid, SPINEPS names, QC snapshot", (
+        _option("--input", type=Path, required=True, help="the batch's semantic folder"),
+        _option("--instances", type=Path, required=True, help="the batch's instance folder"),
+        _option("--derivatives", type=Path, required=True, help="BIDS derivatives root"))),
+    "score": (_score, "DSC and ASSD per structure against the manifest's reference masks", (
+        _option("--input", type=Path, required=True, help="the batch's restore folder (its ledger)"),
+        _option("--derivatives", type=Path, required=True, help="BIDS derivatives root"),
+        _option("--structures", type=json.loads, required=True, help='JSON: {"name": [label ids], ...}'),
+        _option("--assd", choices=ASSD_DEFINITIONS, default="mean_of_means", help="ASSD definition"))),
+    "summarize": (_summarize, "cohort-wide: partitioned scores, by-region summary, Table S1, levels, plots, failures", (
+        _option("--scores", type=Path, nargs="*", default=[], help="per-batch score folders"),
+        _option("--ledgers", type=Path, nargs="*", default=[], help=f"{layout.LEDGER} files of every stage"),
+        _option("--structures", type=json.loads, required=True, help="JSON list: Table S1 row order"),
+        _option("--dataset", type=Path, required=True, help="partitioned score dataset folder"),
+        _option("--out", type=Path, required=True, help="summary folder"))),
+}  # fmt: skip
+
+
+def _dispatch(driver: Callable[..., None], args: argparse.Namespace) -> None:
+    wanted = inspect.signature(driver).parameters
+    driver(**{name: value for name, value in vars(args).items() if name in wanted})
 
 
 def add_stage_parsers(sub: argparse._SubParsersAction) -> None:
-    def stage(name: str, fn: Callable[[argparse.Namespace], None], help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_)
-        p.add_argument("--manifest", type=Path, required=True, help="cohort manifest TSV")
-        p.add_argument("--batch", required=True, help="batch id, e.g. b0001")
-        p.add_argument("--out", type=Path, required=True, help="output folder of this stage (holds ledger.tsv)")
-        p.add_argument("--threads", type=int, default=1)
-        p.set_defaults(handler=fn)
-        return p
-
-    p = stage("bias-correct", _bias_correct, "N4 bias-field correction of a batch")
-    p.add_argument("--shrink", type=int, nargs=3, default=N4_DEFAULTS["shrink"], help="in-plane, in-plane, through-plane")
-    p.add_argument("--iterations", type=int, nargs="+", default=N4_DEFAULTS["iterations"], help="iterations per fitting level")
-    p.add_argument("--bias-fwhm", type=float, default=N4_DEFAULTS["bias_fwhm"], help="N4 bias-field FWHM")
-    p = stage("resample", _resample, "reorient and resample a batch into the semantic model's space")
-    p.add_argument("--input", type=Path, required=True)
-    p.add_argument("--model", type=model_folder, required=True, help="model folder or its inference_config.json")
-    p = stage("predict-fold", _predict_fold, "one nnU-Net fold over a batch: float16 logits")
-    p.add_argument("--input", type=Path, required=True)
-    p.add_argument("--model", type=model_folder, required=True, help="model folder or its inference_config.json")
-    p.add_argument("--fold", type=int, required=True)
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
-    p = stage("average-folds", _average_folds, "average fold logits, argmax, SPINEPS ids, clean-up")
-    p.add_argument("--folds", type=Path, nargs="+", required=True, help="per-fold logit folders, in fold order")
-    p.add_argument("--resampled", type=Path, required=True)
-    p.add_argument("--model", type=model_folder, required=True, help="model folder or its inference_config.json")
-    p = stage("assemble-instances", _assemble_instances, "vertebra instances from the semantic masks (cutout U-Net)")
-    p.add_argument("--input", type=Path, required=True, help="the batch's semantic folder")
-    p.add_argument("--model", type=model_folder, required=True, help="SPINEPS instance model folder or its inference_config.json")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
-    p = stage("restore", _restore, "semantic and instance masks back onto the input grid, SPINEPS names, QC snapshot")
-    p.add_argument("--input", type=Path, required=True, help="the batch's semantic folder")
-    p.add_argument("--instances", type=Path, required=True, help="the batch's instance folder")
-    p.add_argument("--derivatives", type=Path, required=True)
-
-    p = stage("score", _score, "DSC and ASSD per structure against the manifest's reference masks")
-    p.add_argument("--input", type=Path, required=True, help="the batch's restore folder (its ledger)")
-    p.add_argument("--derivatives", type=Path, required=True)
-    p.add_argument("--structures", type=json.loads, required=True, help='JSON: {"name": [label ids], ...}')
-    p.add_argument("--assd", choices=ASSD_DEFINITIONS, default="mean_of_means")
-
-    p = sub.add_parser("summarize", help="cohort-wide: partitioned scores, by-region summary, Table S1, plots, failures")
-    p.add_argument("--scores", type=Path, nargs="*", default=[], help="per-batch score folders")
-    p.add_argument("--ledgers", type=Path, nargs="*", default=[], help="ledger.tsv files of every stage")
-    p.add_argument("--structures", type=json.loads, required=True, help="JSON list: Table S1 row order")
-    p.add_argument("--dataset", type=Path, required=True, help="partitioned score dataset folder")
-    p.add_argument("--out", type=Path, required=True, help="summary folder")
-    p.set_defaults(handler=_summarize)
+    """One subcommand per stage of `layout`, in workflow order, each dispatched to its driver."""
+    for command in (*(stage.command for stage in layout.BATCH_STAGES), *layout.COHORT_STAGES):
+        driver, help_, options = STAGE_COMMANDS[command]
+        p = sub.add_parser(command, help=help_)
+        for flags, kwargs in (() if command in layout.COHORT_STAGES else _BATCH_OPTIONS) + options:
+            p.add_argument(*flags, **kwargs)
+        p.set_defaults(handler=functools.partial(_dispatch, driver))
 
     p = sub.add_parser("random-model", help="write an nnU-Net v2 model folder with random weights (tests)")
     p.add_argument("out", type=Path)
