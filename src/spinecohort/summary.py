@@ -19,7 +19,7 @@ import pyarrow.dataset as ds
 
 from . import io, layout, metrics
 from . import labels as L
-from .geometry import geometry_mismatch
+from .geometry import geometry_mismatch, spacing_of
 from .labels import REGIONS
 
 __all__ = [
@@ -63,9 +63,7 @@ def _load_pair(pred_path: Path, ref_path: Path, allowed: frozenset[int]):
         raise ValueError(problem)
     if unknown := L.unknown_ids(ref, allowed):
         raise ValueError(f"{ref_path}: reference has unknown label ids {unknown}")
-    from .geometry import spacing_of
-
-    return pred, ref, spacing_of(ref_affine)
+    return pred, ref, ref_affine
 
 
 def _with_keys(row: pd.Series, records: list[dict]) -> pd.DataFrame:
@@ -79,7 +77,8 @@ def image_score_rows(
     row: pd.Series, pred_path: Path, ref_path: Path, structures: Mapping[str, Sequence[int]], definition: str
 ) -> pd.DataFrame:
     """Long-format DSC and ASSD rows of one image's semantic mask against its reference."""
-    pred, ref, spacing = _load_pair(pred_path, ref_path, L.SEMANTIC_MASK_IDS)
+    pred, ref, affine = _load_pair(pred_path, ref_path, L.SEMANTIC_MASK_IDS)
+    spacing = spacing_of(affine).tolist()
     records = []
     for s in metrics.score_structures(pred, ref, spacing, structures, definition):
         for metric, value, how in (("DSC", s.dsc, ""), ("ASSD", s.assd, definition)):
@@ -94,7 +93,8 @@ INSTANCE_GROUPS = {"Vertebra instances": (1, L.IVD_OFFSET), "IVD instances": (L.
 
 def instance_score_rows(row: pd.Series, pred_path: Path, ref_path: Path, definition: str) -> pd.DataFrame:
     """Panoptic rows (PQ, SQ, RQ, recall, precision; mean DSC and ASSD of matched instances) per instance group."""
-    pred, ref, spacing = _load_pair(pred_path, ref_path, L.INSTANCE_MASK_IDS)
+    pred, ref, affine = _load_pair(pred_path, ref_path, L.INSTANCE_MASK_IDS)
+    spacing = spacing_of(affine).tolist()
     records = []
     for group, (lo, hi) in INSTANCE_GROUPS.items():
         p = np.where((pred >= lo) & (pred < hi), pred, 0)
@@ -121,9 +121,8 @@ def level_score_rows(row: pd.Series, pred_path: Path, ref_path: Path, numbering:
     Scored: every reference vertebra whose body (corpus, in `ref_semantic` when given) is in view.
     A counted station ("count") makes no claim of levels: NaN, flag "count".
     """
-    pred, ref, _ = _load_pair(pred_path, ref_path, L.INSTANCE_MASK_IDS)
-    affine = io.load_affine(ref_path)
-    ids = [k for k in np.unique(ref).tolist() if 0 < k < L.IVD_OFFSET and k != L.SACRUM]
+    pred, ref, affine = _load_pair(pred_path, ref_path, L.INSTANCE_MASK_IDS)
+    ids = np.unique(ref[L.vertebra_ids(ref)]).tolist()
     if ref_semantic is not None:
         corpus = io.load_mask(ref_semantic)[0] == L.CORPUS
         ids = [k for k in ids if (corpus & (ref == k)).any()]
@@ -131,7 +130,7 @@ def level_score_rows(row: pd.Series, pred_path: Path, ref_path: Path, numbering:
     nan = float("nan")
     values = {"id_rate": nan, "localisation_mm": nan, "identified": nan, "scored": float(len(ids))}
     if numbering != "count":
-        predicted = [k for k in np.unique(pred).tolist() if 0 < k < L.IVD_OFFSET and k != L.SACRUM]
+        predicted = np.unique(pred[L.vertebra_ids(pred)]).tolist()
         found = metrics.identify(metrics.centroids_mm(pred, affine, predicted), metrics.centroids_mm(ref, affine, ids))
         distances = list(found.localisation_mm.values())
         values.update(id_rate=found.rate, localisation_mm=float(np.mean(distances)) if distances else nan,
@@ -155,8 +154,6 @@ def levels_table(scores: pd.DataFrame) -> pd.DataFrame:
         per_image = mine.pivot_table(index="image_id", columns="metric", values="value", aggfunc="first", dropna=False)
         modes = mine.drop_duplicates("image_id").set_index("image_id")["flag"]
         anchored = per_image[modes.reindex(per_image.index) != "count"]
-
-
         rows.append({
             "Station": TABLE_S1_REGIONS[region],
             "Images": len(per_image),
@@ -175,10 +172,7 @@ def write_levels_table(table: pd.DataFrame, folder: Path) -> dict[str, Path]:
                "images numbered from an anchor (C2, sacrum); counted images make no claim of levels")
     paths = {"md": folder / "levels.md", "csv": folder / "levels.csv"}
     texts = {"md": f"{caption}\n\n{table.to_markdown(index=False)}\n", "csv": table.to_csv(index=False)}
-    for fmt, path in paths.items():
-        with io.atomic_path(path) as tmp:
-            tmp.write_text(texts[fmt], encoding="utf-8")
-    return paths
+    return _write_texts(paths, texts)
 
 
 def write_scores(path: Path, table: pd.DataFrame) -> None:
@@ -245,10 +239,15 @@ def write_table_s1(table: pd.DataFrame, folder: Path, caption: str) -> dict[str,
         "csv": table.to_csv(index=False),
         "tex": table.to_latex(index=False, caption=caption, label="tab:s1").replace("±", r"$\pm$"),
     }
+    return _write_texts(paths, texts)
+
+
+def _write_texts(paths: Mapping[str, Path], texts: Mapping[str, str]) -> dict[str, Path]:
+    """Each format's text to its path, atomically; returns the paths by format."""
     for fmt, path in paths.items():
         with io.atomic_path(path) as tmp:
             tmp.write_text(texts[fmt], encoding="utf-8")
-    return paths
+    return dict(paths)
 
 
 def box_plots(scores: pd.DataFrame, folder: Path, structures: Sequence[str]) -> list[Path]:
