@@ -168,6 +168,10 @@ def test_the_demo_gives_exact_levels_one_geometry_and_says_count_where_it_counts
     levels_md = (demo_local_run / "summary" / "levels.md").read_text()
     assert "| Cervical  |        4 | C2 4        | 1.000 ± 0.000" in levels_md
     assert "| Thoracic  |        4 | count 4     | –" in levels_md
+    # The README shows both demo tables as this run writes them (the demo is deterministic).
+    readme = (ROOT / "README.md").read_text()
+    for table in ("levels.md", "table_s1.md"):
+        assert (demo_local_run / "summary" / table).read_text().strip() in readme, table
 
 
 # --- the pieces, on hand-made inputs ------------------------------------------------
