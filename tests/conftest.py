@@ -9,6 +9,12 @@ import pytest
 from spinecohort.phantom import write_cohort
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The SLURM tests last: with their test cluster stopped, importing Snakemake's SLURM plugin waits
+    ~9 s for a controller (`scontrol show config`) in every later `snakemake` start."""
+    items.sort(key=lambda item: item.get_closest_marker("slurm") is not None)
+
+
 @pytest.fixture(scope="session")
 def small_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two subjects x three stations, `small` preset, seed 0; returns the manifest path."""

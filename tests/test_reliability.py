@@ -64,6 +64,24 @@ def test_a_run_killed_in_every_stage_reruns_to_the_same_bytes(demo_local_run: Pa
     assert digests(tmp_path) == reference
 
 
+def test_a_deleted_derivative_is_planned_and_relinked_to_the_same_bytes(demo_local_run: Path):
+    """The BIDS tree is restore's published view: `snakemake -n` plans exactly what was deleted, nothing else reruns."""
+    before = digests(demo_local_run)
+    tree = demo_local_run / "derivatives" / "spinecohort"
+    deleted = [next(tree.rglob("*chunk-LWS_mod-T2w_seg-vert_msk.nii.gz")), next(tree.rglob("*chunk-HWS_mod-T2w_seg-vert_snp.png"))]
+    for path in deleted:
+        path.unlink()
+    plan = demo(demo_local_run, "-n", "--quiet", "rules")
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    counts = dict(line.split()[:2] for line in (plan.stdout + plan.stderr).splitlines() if line.split()[1:2] and line.split()[1].isdigit())
+    assert counts == {"publish_derivative": "2", "all": "1", "total": "3"}, plan.stdout
+    rerun = demo(demo_local_run)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert digests(demo_local_run) == before
+    work = {p.name: p for p in (demo_local_run / "work").rglob("restore/*")}
+    assert all(path.samefile(work[path.name]) for path in deleted)  # a link to restore's file, not a copy
+
+
 def _variant(folder: Path, source: str, name: str, edit) -> Path:
     """A copy of the NIfTI `source` with `edit(data, affine) -> (data, affine)` applied."""
     img = nib.load(source)

@@ -10,8 +10,7 @@ import pyarrow.dataset as ds
 import pytest
 import yaml
 
-from spinecohort import cohort, io, summary
-from spinecohort.pipeline import derivative_path
+from spinecohort import cohort, io, layout, summary
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
@@ -67,12 +66,11 @@ def scored_batch(small_cohort: Path, tmp_path: Path):
     """The phantom references as 'predictions' for batch b0001, one reference moved to another grid, one removed."""
     table = cohort.resolve_paths(cohort.read_manifest(small_cohort), small_cohort.parent)
     batch = table[table.batch == "b0001"].reset_index(drop=True)
-    derivatives = tmp_path / "derivatives"
+    restore = tmp_path / "restore"
+    restore.mkdir()
     for _, row in batch.iterrows():
         for seg, column in (("spine", "reference_semantic"), ("vert", "reference_instance")):
-            target = derivative_path(derivatives, row, seg)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(Path(row[column]).read_bytes())
+            (restore / layout.derivative_name(row.image_id, seg)).write_bytes(Path(row[column]).read_bytes())
     shifted = tmp_path / "shifted_ref.nii.gz"
     ref = nib.load(batch.reference_semantic[0])
     nib.save(nib.Nifti1Image(np.asarray(ref.dataobj)[:, :-2], ref.affine), shifted)
@@ -81,18 +79,17 @@ def scored_batch(small_cohort: Path, tmp_path: Path):
     edited.loc[edited.image_id == batch.image_id[1], ["reference_semantic", "reference_instance"]] = ""
     manifest = small_cohort.parent / "edited.tsv"
     edited.to_csv(manifest, sep="\t", index=False)
-    restore = tmp_path / "restore"
     io.write_tsv(restore / "ledger.tsv", pd.DataFrame({"image_id": batch.image_id, "stage": "restore", "status": "ok", "message": "",
                                                        "numbering": ["count", *["C2"] * (len(batch) - 1)]}))
-    return manifest, batch, derivatives, restore, shifted
+    return manifest, batch, restore, shifted
 
 
 def test_score_stage_scores_references_and_fails_a_grid_mismatch_alone(scored_batch, tmp_path: Path):
-    manifest, batch, derivatives, restore, shifted = scored_batch
+    manifest, batch, restore, shifted = scored_batch
     out = tmp_path / "scores"
     structures = '{"Vertebra": [41, 42, 43, 44, 45, 46, 47, 48, 49], "IVD": [100], "Nothing": [90]}'
     subprocess.run(["spinecohort", "score", "--manifest", manifest, "--batch", "b0001", "--input", restore,
-                    "--derivatives", derivatives, "--structures", structures, "--out", out], check=True, capture_output=True)
+                    "--structures", structures, "--out", out], check=True, capture_output=True)
     ledger = pd.read_csv(out / "ledger.tsv", sep="\t", dtype=str, keep_default_na=False).set_index("image_id")
     mismatch = ledger.loc[batch.image_id[0]]
     assert mismatch.status == "failed"

@@ -7,10 +7,12 @@ and then renamed, so a killed job never leaves a file that looks finished.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import gzip
 import json
 import os
+import shutil
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -25,6 +27,7 @@ from numpy.typing import NDArray
 __all__ = [
     "ImageError",
     "atomic_path",
+    "publish",
     "load_image",
     "load_mask",
     "load_affine",
@@ -69,6 +72,19 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def publish(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Make `target` show the finished file `source`: a hard link (no second copy on disk),
+    a copy where the two lie on different file systems. Atomic like every write here."""
+    with atomic_path(target) as tmp:
+        tmp.unlink()
+        try:
+            os.link(source, tmp)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                raise
+            shutil.copyfile(source, tmp)
 
 
 def _fail(path: Path, reason: str) -> ImageError:

@@ -89,17 +89,30 @@ def raw_instances(folder: Path, image_id: str) -> Path:
 # What restore writes per image: (seg entity, suffix) of each derivative.
 DERIVATIVES: Final = (("spine", "msk.nii.gz"), ("vert", "msk.nii.gz"), ("vert", "snp.png"))
 SNAPSHOT: Final = ("vert", "snp.png")
+DERIVATIVE_NAME: Final = "{image_id}_mod-T2w_seg-{seg}_{suffix}"
+
+
+def derivative_name(image_id: str, seg: str, suffix: str = "msk.nii.gz") -> str:
+    """SPINEPS/BIDS-derivative file name of a result, e.g. ``…_mod-T2w_seg-spine_msk.nii.gz`` or ``…_seg-vert_snp.png``."""
+    return DERIVATIVE_NAME.format(image_id=image_id, seg=seg, suffix=suffix)
+
+
+def subject_folder(subject: str, session: str) -> str:
+    """A subject's BIDS folder under a derivatives root: ``sub-01/ses-1/anat`` (no ses- level without a session)."""
+    return "/".join((f"sub-{subject}", *((f"ses-{session}",) if session else ()), "anat"))
 
 
 def derivative(root: Path, subject: str, session: str, image_id: str, seg: str, suffix: str = "msk.nii.gz") -> Path:
-    """SPINEPS/BIDS-derivative name of a result, e.g. ``…_mod-T2w_seg-spine_msk.nii.gz`` or ``…_seg-vert_snp.png``.
+    """Where a result is published in the BIDS derivatives tree.
+
+    restore writes each result into its work folder under this same name and links it here,
+    and the workflow relinks what goes missing here (see `docs/ARCHITECTURE.md`).
 
     >>> derivative(Path("d"), "01", "", "sub-01_acq-sag_chunk-LWS", "vert").as_posix()
     'd/sub-01/anat/sub-01_acq-sag_chunk-LWS_mod-T2w_seg-vert_msk.nii.gz'
     """
-    subject_folder = root / f"sub-{subject}" / (f"ses-{session}" if session else "") / "anat"
-    return subject_folder / f"{image_id}_mod-T2w_seg-{seg}_{suffix}"
+    return root / subject_folder(subject, session) / derivative_name(image_id, seg, suffix)
 
 
-# The report's pattern for restore's copies of the snapshots, next to its ledger.
-SNAPSHOT_PATTERN: Final = derivative(Path(), "x", "", "{image_id}", *SNAPSHOT).name
+# The report's pattern for restore's snapshots, next to its ledger.
+SNAPSHOT_PATTERN: Final = derivative_name("{image_id}", *SNAPSHOT)

@@ -15,7 +15,6 @@ import functools
 import inspect
 import json
 import logging
-import shutil
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -221,6 +220,8 @@ def _level_names(instance: np.ndarray, counted: bool) -> dict[int, str]:
 
 
 def _restore(*, manifest: Path, batch: str, out: Path, input: Path, instances: Path, derivatives: Path) -> None:
+    """Writes each image's results into `out` under their BIDS names and publishes them into `derivatives`
+    (`io.publish`): the work folder is what Snakemake knows, the Snakefile relinks what goes missing from the tree (rule publish_derivative)."""
     from .geometry import resample, spacing_of
     from .instances import claim_instances
     from .qc import snapshot_png
@@ -235,23 +236,20 @@ def _restore(*, manifest: Path, batch: str, out: Path, input: Path, instances: P
         # Ids on the input grid, for exactly the semantic mask's structure voxels (SPINEPS's masks coincide too).
         instance, unclaimed = claim_instances(semantic, resample(vert, vert_affine, (image.shape, affine), kind="nearest"),
                                               spacing_of(affine), radius_mm=2 * max(spacing_of(vert_affine)))
-        io.save_nifti(derivative_path(derivatives, row, "spine"), semantic, affine, dtype=np.uint8)
-        io.save_nifti(derivative_path(derivatives, row, "vert"), instance, affine, dtype=np.uint16)
+        io.save_nifti(out / layout.derivative_name(row.image_id, "spine"), semantic, affine, dtype=np.uint8)
+        io.save_nifti(out / layout.derivative_name(row.image_id, "vert"), instance, affine, dtype=np.uint16)
         mode = numbering[row.image_id]
-        snapshot = derivative_path(derivatives, row, *layout.SNAPSHOT)
-        snapshot_png(snapshot, image, instance, affine, title=f"{row.image_id} ({row.region}, {mode})",
-                     names=_level_names(instance, counted=mode == "count"))
-        with io.atomic_path(out / snapshot.name) as tmp:  # the report's copy, next to the ledger
-            shutil.copyfile(snapshot, tmp)
+        snapshot_png(out / layout.derivative_name(row.image_id, *layout.SNAPSHOT), image, instance, affine,
+                     title=f"{row.image_id} ({row.region}, {mode})", names=_level_names(instance, counted=mode == "count"))
+        for entity, suffix in layout.DERIVATIVES:
+            io.publish(out / layout.derivative_name(row.image_id, entity, suffix), derivative_path(derivatives, row, entity, suffix))
         note = f"{unclaimed} structure voxels no instance claims: removed from both masks" if unclaimed else ""
         return {"message": note, "numbering": mode, "unclaimed_voxels": str(unclaimed)}
 
     run_stage(layout.ledger_stage("restore"), batch_rows(manifest, batch), out, work, upstream=[input, instances])
 
 
-def _score(
-    *, manifest: Path, batch: str, out: Path, input: Path, derivatives: Path, structures: dict[str, list[int]], assd: str
-) -> None:
+def _score(*, manifest: Path, batch: str, out: Path, input: Path, structures: dict[str, list[int]], assd: str) -> None:
     from .summary import image_score_rows, instance_score_rows, level_score_rows, write_scores
 
     rows = batch_rows(manifest, batch)
@@ -263,10 +261,10 @@ def _score(
     def work(row: pd.Series) -> None:
         scored = []  # kept only if both references score: a failed image has no rows
         if row.reference_semantic:
-            pred = derivative_path(derivatives, row, "spine")
+            pred = input / layout.derivative_name(row.image_id, "spine")
             scored.append(image_score_rows(row, pred, Path(row.reference_semantic), structures, assd))
         if row.reference_instance:
-            pred = derivative_path(derivatives, row, "vert")
+            pred = input / layout.derivative_name(row.image_id, "vert")
             scored.append(instance_score_rows(row, pred, Path(row.reference_instance), assd))
             scored.append(level_score_rows(row, pred, Path(row.reference_instance), numbering[row.image_id],
                                            Path(row.reference_semantic) if row.reference_semantic else None))
@@ -333,8 +331,7 @@ STAGE_COMMANDS: dict[str, tuple[Callable[..., None], str, tuple[tuple[tuple[str,
         _option("--instances", type=Path, required=True, help="the batch's instance folder"),
         _option("--derivatives", type=Path, required=True, help="BIDS derivatives root"))),
     "score": (_score, "DSC and ASSD per structure against the manifest's reference masks", (
-        _option("--input", type=Path, required=True, help="the batch's restore folder (its ledger)"),
-        _option("--derivatives", type=Path, required=True, help="BIDS derivatives root"),
+        _option("--input", type=Path, required=True, help="the batch's restore folder (its masks and ledger)"),
         _option("--structures", type=json.loads, required=True, help='JSON: {"name": [label ids], ...}'),
         _option("--assd", choices=ASSD_DEFINITIONS, default="mean_of_means", help="ASSD definition"))),
     "summarize": (_summarize, "cohort-wide: partitioned scores, by-region summary, Table S1, levels, plots, failures", (

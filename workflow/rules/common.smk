@@ -1,5 +1,6 @@
 # Helpers only: paths, the manifest, batch lists. Every path template is written once here.
 import functools
+import os
 import json
 import shlex
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from spinecohort import cohort, layout, phantom, semantic
+from spinecohort import cohort, io, layout, phantom, semantic
 
 RESULTS = Path(config["results"])
 WORK = RESULTS / "work"
@@ -113,16 +114,57 @@ def get_final_output(wildcards):
         SUMMARY / "table_s1.md",
         SUMMARY / "levels.md",
         SUMMARY / "by_region.parquet",
+        *get_missing_derivatives(),
     ]
 
 
-def get_ledgers(score_folders):
-    """ledger.tsv of every stage of the batches whose score folders are given."""
-    return [
-        str(Path(folder).parent / stage / layout.LEDGER)
-        for folder in score_folders
-        for stage in layout.LEDGER_FOLDERS
-    ]
+def get_ledger_folders(wildcards):
+    """Every batch's folders that keep a ledger (summarize's failures table reads them all)."""
+    return [str(WORK / b / f) for b in get_batches() for f in layout.LEDGER_FOLDERS]
+
+
+@functools.cache
+def _published_places():
+    """batch -> [(image id, its BIDS subject folder)] of the manifest."""
+    table = _read_manifest(MANIFEST)
+    places = {}
+    for r in table.itertuples():
+        places.setdefault(r.batch, []).append(
+            (r.image_id, layout.subject_folder(r.subject, r.session))
+        )
+    return places
+
+
+def get_missing_derivatives():
+    """Published derivatives that are gone while the restore folder that made them holds them.
+
+    Declaring every derivative as an output costs the 90,000-image dry-run minutes
+    (benchmarks/README.md), so restore's output is its folder and the BIDS tree its published
+    view: what is missing from the view becomes a target of `publish_derivative`. A batch
+    restore has not run costs one stat; a finished cohort one listing and a stat per file.
+    """
+    missing = []
+    for batch in get_batches():
+        made = WORK / batch / layout.folder("restore")
+        if not made.is_dir():
+            continue
+        names = set(os.listdir(made))
+        for image_id, folder in _published_places()[batch]:
+            for seg, suffix in layout.DERIVATIVES:
+                name = layout.derivative_name(image_id, seg, suffix)
+                if name in names and not (DERIVATIVES / folder / name).exists():
+                    missing.append(str(DERIVATIVES / folder / name))
+    return missing
+
+
+@functools.cache
+def _batch_of():
+    return {i: b for b, ids in _batch_members().items() for i in ids.split(",")}
+
+
+def get_restore_folder_of(wildcards):
+    """The restore folder of the batch that holds an image."""
+    return str(WORK / _batch_of()[wildcards.image_id] / layout.folder("restore"))
 
 
 def batch_minutes(per_image):
@@ -145,3 +187,7 @@ def memory_mb(base):
 wildcard_constraints:
     batch=r"b[0-9]+",
     fold=r"[0-9]+",
+    subject_folder=r"sub-[^/]+(/ses-[^/]+)?/anat",
+    image_id=r"[^/]+",
+    seg=r"[a-z]+",
+    suffix=r"msk\.nii\.gz|snp\.png",

@@ -19,18 +19,18 @@ rule score:
         runtime=batch_minutes(0.05),
     params:
         members=get_batch_members,
-        derivatives=DERIVATIVES,
         structures=shlex.quote(json.dumps(config["metrics"]["structures"])),
         assd=config["metrics"]["assd"],
     shell:
         "spinecohort score --manifest {input.manifest} --batch {wildcards.batch}"
-        " --input {input.restore} --derivatives {params.derivatives}"
+        " --input {input.restore}"
         " --structures {params.structures} --assd {params.assd} --out {output} &> {log}"
 
 
 rule summarize:
     input:
         scores=expand(stage_dir("score"), batch=get_batches()),
+        ledgers=get_ledger_folders,
     output:
         dataset=directory(RESULTS / "scores"),
         by_region=SUMMARY / "by_region.parquet",
@@ -68,7 +68,9 @@ rule summarize:
         mem_mb=memory_mb(4000),
         runtime=lambda wildcards, attempt: 30 * attempt,
     params:
-        ledgers=lambda wildcards, input: " ".join(get_ledgers(input.scores)),
+        ledgers=lambda wildcards, input: " ".join(
+            str(Path(folder) / layout.LEDGER) for folder in input.ledgers
+        ),
         structures=shlex.quote(json.dumps(list(config["metrics"]["structures"]))),
         folder=SUMMARY,
     shell:

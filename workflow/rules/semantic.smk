@@ -78,3 +78,14 @@ rule restore:
         "spinecohort restore --manifest {input.manifest} --batch {wildcards.batch}"
         " --input {input.semantic} --instances {input.instances}"
         " --derivatives {params.derivatives} --out {output} &> {log}"
+
+
+rule publish_derivative:
+    """Relinks a derivative deleted from the BIDS tree (restore's folder keeps every result)."""
+    input:
+        restore=get_restore_folder_of,
+    output:
+        DERIVATIVES / "{subject_folder}" / layout.DERIVATIVE_NAME,
+    localrule: True
+    run:
+        io.publish(Path(input.restore) / Path(output[0]).name, output[0])
