@@ -25,7 +25,7 @@ from torch import nn
 
 from .checkpoints import load_lightning_checkpoint
 
-__all__ = ["InstanceUNet", "NetworkPredictor", "infer_dim", "load_instance_checkpoint", "save_instance_checkpoint"]
+__all__ = ["InstanceUNet", "NetworkPredictor", "infer_dim", "load_instance_checkpoint", "save_instance_checkpoint", "spineps_hyper_parameters"]
 
 
 class _ConvNormAct(nn.Module):
@@ -105,10 +105,25 @@ def load_instance_checkpoint(path: str | Path, *, map_location: str | torch.devi
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} or dict(state)
 
 
-def save_instance_checkpoint(path: str | Path, net: InstanceUNet, **extra: Any) -> None:
-    """Write `net` in the Lightning layout SPINEPS loads: {"state_dict": {"network.<name>": tensor}, ...}."""
+def spineps_hyper_parameters(net: InstanceUNet, *, epochs: int, lr: tuple[float, float]) -> dict[str, Any]:
+    """What SPINEPS 2.1.3's Lightning loader rebuilds the network from (`PLNet(**hyper_parameters)`): its
+    width `dim`, `num_channels` (the 10-channel one-hot input), `do2D`, and the training options its
+    constructor reads. Plain values only, so `torch.load(weights_only=True)` reads them too. Our loop
+    has no explicit L2 term and no Dice loss (cross-entropy, AdamW), hence the zero weights."""
+    return {
+        "dim": int(net.init_conv.out_channels), "num_channels": 10, "do2D": False, "channelwise": True,
+        "n_epoch": int(epochs), "lr": float(lr[0]), "lr_end_factor": float(lr[1] / lr[0]), "l2_reg_w": 0.0, "dsc_loss_w": 0.0,
+    }  # fmt: skip
+
+
+def save_instance_checkpoint(
+    path: str | Path, net: InstanceUNet, *, epochs: int = 0, lr: tuple[float, float] = (1e-4, 1e-6), **extra: Any
+) -> None:
+    """Write `net` in the Lightning layout SPINEPS loads: {"state_dict": {"network.<name>": tensor},
+    "hyper_parameters": `spineps_hyper_parameters` and `extra` (e.g. the final loss), ...}."""
     state = {f"network.{k}": v.detach().cpu() for k, v in net.state_dict().items()}
-    torch.save({"state_dict": state, "pytorch-lightning_version": "2.0.0", **extra}, path)
+    hyper = {**spineps_hyper_parameters(net, epochs=epochs, lr=lr), **extra}
+    torch.save({"state_dict": state, "hyper_parameters": hyper, "pytorch-lightning_version": "2.0.0"}, path)
 
 
 def infer_dim(state: dict[str, torch.Tensor]) -> int:

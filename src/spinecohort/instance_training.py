@@ -136,13 +136,16 @@ def train_instance_network(
     return net.cpu().eval(), losses
 
 
-def export_instance_model(net, out: str | Path, *, spacing: Sequence[float], cutout: Sequence[int], name: str, **hyper: object) -> Path:
-    """A SPINEPS-format instance model folder (Lightning-layout weights + inference_config.json)."""
+def export_instance_model(
+    net, out: str | Path, *, spacing: Sequence[float], cutout: Sequence[int], name: str, epochs: int, lr: tuple[float, float],
+    final_loss: float,
+) -> Path:  # fmt: skip
+    """A SPINEPS-format instance model folder (Lightning-layout weights + inference_config.json) that SPINEPS 2.1.3 loads."""
     from .instance_net import save_instance_checkpoint
     from .models import instance_inference_config
 
     out = Path(out)
     with io.atomic_path(out / "instance_weights.ckpt") as tmp:
-        save_instance_checkpoint(tmp, net, hyper_parameters={"dim": net.init_conv.out_channels, **hyper})
+        save_instance_checkpoint(tmp, net, epochs=epochs, lr=lr, final_loss=float(final_loss))
     io.write_json(out / "inference_config.json", instance_inference_config(spacing=spacing, cutout=cutout, name=name))
     return out

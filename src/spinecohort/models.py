@@ -174,6 +174,7 @@ def instance_inference_config(*, spacing: Sequence[float], cutout: Sequence[int]
         "resolution_range": [float(s) for s in spacing],
         "available_folds": 1,
         "inference_augmentation": False,
+        "default_step_size": 0.5,  # unused by a cutout U-Net, but SPINEPS requires the key
         "expected_inputs": ["seg"],
         "cutout_size": [int(c) for c in cutout],
         "corpus_size_cleaning": 10,
@@ -194,7 +195,7 @@ def write_random_instance_model(
     out = Path(out)
     torch.manual_seed(seed)
     with io.atomic_path(out / "instance_weights.ckpt") as tmp:
-        save_instance_checkpoint(tmp, InstanceUNet(dim=dim), hyper_parameters={"dim": dim})
+        save_instance_checkpoint(tmp, InstanceUNet(dim=dim))
     config = instance_inference_config(spacing=spacing, cutout=cutout, name="spinecohort_random_instance_demo")
     io.write_json(out / "inference_config.json", config)  # last: marks the folder complete
     return out

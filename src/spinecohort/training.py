@@ -370,7 +370,8 @@ def _instance(args: argparse.Namespace) -> None:
         cutouts, epochs=args.epochs, batch_size=args.batch_size, lr=tuple(args.lr), dim=args.dim,
         augmentation=AugmentConfig.from_mapping(args.augment), seed=args.seed, device=args.device,
     )  # fmt: skip
-    export_instance_model(net, args.out, spacing=args.spacing, cutout=args.cutout, name=args.name, epochs=args.epochs, final_loss=losses[-1])
+    export_instance_model(net, args.out, spacing=args.spacing, cutout=args.cutout, name=args.name, epochs=args.epochs,
+                          lr=tuple(args.lr), final_loss=losses[-1])
 
 
 def add_training_parsers(sub: argparse._SubParsersAction) -> None:

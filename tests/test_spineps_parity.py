@@ -1,0 +1,112 @@
+"""Parity with SPINEPS 2.1.3 itself (issue 15): SPINEPS loads our shipped demo models as they are, and
+given our N4 output it segments the demo's phantoms as our workflow does.
+
+One phantom per station from the demo run; SPINEPS (`spineps sample`, CPU, no labelling model) in its own
+environment (`spineps_env`). The figures go to `benchmarks/README.md`.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from spineps_env import spineps_python
+
+from spinecohort import io, layout
+from spinecohort.geometry import resample
+from spinecohort.labels import IVD_OFFSET
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "resources" / "demo_models"
+# Structures SPINEPS's post-processing leaves alone (it removes vertebra voxels no instance claims).
+UNTOUCHED = {60: "spinal cord", 61: "spinal canal", 100: "IVD", 26: "sacrum"}
+
+
+def run_spineps(python: Path, image: Path, *extra: str, threads: int = 1) -> tuple[Path, float, str, bool]:
+    """`spineps sample` on `image` with our models: its derivatives folder, CPU seconds, output, and whether it finished."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run(
+        [python, "-m", "spineps.entrypoint", "sample", "-i", image, "-ms", MODELS / "semantic", "-mi", MODELS / "instance",
+         "-ml", "none", "--cpu", *extra],
+        capture_output=True, text=True, timeout=900, env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "OMP_NUM_THREADS": str(threads),
+             "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(threads)},  # ANTs' N4 is ITK's
+    )  # fmt: skip
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return image.parent / "derivatives_seg", cpu, proc.stdout + proc.stderr, proc.returncode == 0
+
+
+def agreement(ours: Path, theirs: Path) -> float:
+    """Share of the foreground (either mask) where the two model-space masks agree, on our grid."""
+    a, affine = io.load_mask(ours)
+    b, b_affine = io.load_mask(theirs)
+    b = resample(b, b_affine, (a.shape, affine), kind="nearest")  # SPINEPS pads its grid by 4 voxels
+    foreground = (a > 0) | (b > 0)
+    return float(((a == b) & foreground).sum() / foreground.sum())
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / (a.sum() + b.sum()))
+
+
+def our_cpu_seconds_per_image(results: Path, batch: str, images: int) -> float:
+    """CPU seconds per image of our per-batch jobs up to restore (Snakemake's benchmark files of the run)."""
+    rules = ("bias_correct", "resample", "predict_fold", "average_folds", "assemble_instances", "restore")
+    files = [f for rule in rules for f in (results / "benchmarks" / rule).glob(f"{batch}*.tsv")]
+    return sum(float(pd.read_csv(f, sep="\t")["cpu_time"].iloc[0]) for f in files) / images
+
+
+def vertebrae(mask: np.ndarray) -> int:
+    return int(sum(1 for v in np.unique(mask) if 0 < v < IVD_OFFSET and v != 26))
+
+
+@pytest.mark.interop
+def test_spineps_loads_our_models_and_segments_like_us(demo_local_run: Path, tmp_path: Path):
+    python = spineps_python()
+    manifest = pd.read_csv(demo_local_run / "demo" / "cohort.tsv", sep="\t", dtype=str, keep_default_na=False)
+    rows = manifest[manifest.subject == "phantom0001"].sort_values("region")
+    assert sorted(rows.region) == ["cervical", "lumbar", "thoracic"]
+    table = []
+    for row in rows.itertuples():
+        work = demo_local_run / "work" / row.batch
+        runs = {}
+        for run, source, threads in (("ours", layout.n4_image(work / layout.folder("bias-correct"), row.image_id), 1),
+                                     ("spineps", demo_local_run / "demo" / row.image, 1),
+                                     ("spineps-2-threads", demo_local_run / "demo" / row.image, 2)):  # fmt: skip
+            image = tmp_path / run / f"sub-{row.subject}" / "anat" / f"{row.image_id}_T2w.nii.gz"
+            image.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, image)
+            runs[run] = run_spineps(python, image, *(["--no-n4"] if run == "ours" else []), threads=threads)
+        folder, cpu, log, finished = runs["ours"]
+        assert f"Model loaded from {MODELS / 'semantic'}" in log and f"Model loaded from {MODELS / 'instance'}" in log
+        assert finished, log[-3000:]  # both of our exported models ran inside SPINEPS, to its final masks
+        raw = layout.raw_semantic(work / layout.folder("average-folds"), row.image_id)
+        theirs_raw = Path("output_raw_T2w") / f"{row.image_id}_mod-T2w_seg-spine-raw_msk.nii.gz"
+        restored = work / layout.folder("restore")
+        ours_final, theirs_final = (io.load_mask(f / layout.derivative_name(row.image_id, "spine"))[0] for f in (restored, folder))
+        dices = {f"Dice {structure}": dice(ours_final == label, theirs_final == label) for label, structure in UNTOUCHED.items()
+                 if (ours_final == label).any() and (theirs_final == label).any()}  # fmt: skip
+        ours_vert, theirs_vert = (io.load_mask(f / layout.derivative_name(row.image_id, "vert"))[0] for f in (restored, folder))
+        result = {
+            "station": row.region,
+            "raw agreement, our N4": agreement(raw, folder / theirs_raw),
+            "raw agreement, each its N4": agreement(raw, runs["spineps"][0] / theirs_raw),
+            "SPINEPS N4, 1 vs 2 threads": agreement(runs["spineps"][0] / theirs_raw, runs["spineps-2-threads"][0] / theirs_raw),
+            **dices,
+            "vertebrae ours / SPINEPS": f"{vertebrae(ours_vert)} / {vertebrae(theirs_vert)}",
+            "SPINEPS with its N4 finished": runs["spineps"][3],
+            "SPINEPS CPU-s": cpu,
+            "our CPU-s": our_cpu_seconds_per_image(demo_local_run, row.batch, int((manifest.batch == row.batch).sum())),
+        }
+        table.append(result)
+        assert result["raw agreement, our N4"] >= 0.995, result
+        assert dices and min(dices.values()) >= 0.99, result
+        assert vertebrae(theirs_vert) >= 1, result
+    report = pd.DataFrame(table).round(4).to_markdown(index=False)
+    (tmp_path / "parity.md").write_text(report + "\n")
+    print("\n" + report)
