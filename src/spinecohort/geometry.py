@@ -56,6 +56,15 @@ def reorient(data: NDArray, affine: NDArray[np.float64], codes: Sequence[str]) -
     return np.ascontiguousarray(out), new_affine
 
 
+def spacing_along(affine: NDArray[np.float64], codes: Sequence[str]) -> NDArray[np.float64]:
+    """An image's voxel size (mm) along the axes of orientation `codes` (what reorienting it would give).
+
+    >>> spacing_along(np.diag([0.5, 0.6, 3.0, 1.0]), ("P", "I", "R")).tolist()  # RAS voxel axes
+    [0.6, 3.0, 0.5]
+    """
+    return spacing_of(reorient(np.zeros((1, 1, 1)), affine, codes)[1])
+
+
 def target_grid(shape: Sequence[int], affine: NDArray[np.float64], codes: Sequence[str], spacing: Sequence[float]) -> Grid:
     """The grid in orientation `codes` at `spacing` (mm) that covers the same field of view.
 

@@ -50,7 +50,7 @@ def folder(command: str) -> str:
     return _stage(command).folder
 
 
-def ledger_stage(command: str, *, fold: int | None = None) -> str:
+def ledger_stage(command: str, *, fold: int | str | None = None) -> str:
     """The `stage` a per-batch stage writes in its ledger.
 
     >>> ledger_stage("predict-fold", fold=2)

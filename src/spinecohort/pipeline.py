@@ -28,6 +28,7 @@ from .defaults import N4 as N4_DEFAULTS
 from .labels import ENDPLATE_OFFSET, IVD_OFFSET, REGIONS
 from .labels import VERTEBRA_NAMES as L_NAMES
 from .metrics import ASSD_DEFINITIONS
+from .semantic import Fold, parse_fold
 
 log = logging.getLogger("spinecohort")
 
@@ -126,6 +127,7 @@ def _bias_correct(
 
 
 def _resample(*, manifest: Path, batch: str, out: Path, threads: int, input: Path, model: Path) -> None:
+    from .geometry import spacing_along
     from .preprocess import to_model_space
     from .semantic import read_model_config
 
@@ -133,20 +135,20 @@ def _resample(*, manifest: Path, batch: str, out: Path, threads: int, input: Pat
 
     def work(row: pd.Series) -> None:
         image, affine = io.load_image(layout.n4_image(input, row.image_id))
-        resampled, resampled_affine = to_model_space(image, affine, orientation=config.orientation, spacing=config.spacing,
-                                                     threads=threads)
+        spacing = config.spacing_for(spacing_along(affine, config.orientation))
+        resampled, resampled_affine = to_model_space(image, affine, orientation=config.orientation, spacing=spacing, threads=threads)
         io.save_nifti(layout.model_input(out, row.image_id), resampled, resampled_affine, dtype=np.float32)
 
     run_stage(layout.ledger_stage("resample"), batch_rows(manifest, batch), out, work, upstream=[input])
 
 
 def _predict_fold(
-    *, manifest: Path, batch: str, out: Path, threads: int, input: Path, model: Path, fold: int, device: str
+    *, manifest: Path, batch: str, out: Path, threads: int, input: Path, model: Path, fold: Fold, device: str
 ) -> None:
     from .semantic import FoldPredictor, read_model_config
 
     predictor = FoldPredictor(read_model_config(model), fold, device=device, threads=threads)
-    log.info("fold %d on device %s", fold, predictor.device)
+    log.info("fold %s on device %s", fold, predictor.device)
 
     def work(row: pd.Series) -> None:
         logits, props = predictor.predict(layout.model_input(input, row.image_id))
@@ -318,7 +320,7 @@ STAGE_COMMANDS: dict[str, tuple[Callable[..., None], str, tuple[tuple[tuple[str,
         _option("--input", type=Path, required=True, help="the batch's N4 folder"), _MODEL)),
     "predict-fold": (_predict_fold, "one nnU-Net fold over a batch: float16 logits", (
         _option("--input", type=Path, required=True, help="the batch's resampled folder"), _MODEL,
-        _option("--fold", type=int, required=True, help="fold number"), _DEVICE)),
+        _option("--fold", type=parse_fold, required=True, help='fold number, or "all"'), _DEVICE)),
     "average-folds": (_average_folds, "average fold logits, argmax, SPINEPS ids, clean-up", (
         _option("--folds", type=Path, nargs="+", required=True, help="per-fold logit folders, in fold order"),
         _option("--resampled", type=Path, required=True, help="the batch's resampled folder (its grids)"), _MODEL)),

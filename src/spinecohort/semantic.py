@@ -44,18 +44,61 @@ class ModelError(ValueError):
     """A model folder that cannot be used; the message names the folder and reason."""
 
 
+# A fold as SPINEPS names it: a number, or "all" (nnU-Net's model trained on every case, in fold_all/).
+Fold = int | str
+# A fold's weights, in SPINEPS's order of preference (some releases ship only the best checkpoint).
+CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_best.pth")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """What spinecohort reads from a SPINEPS `inference_config.json`."""
 
     path: Path
     orientation: tuple[str, str, str]
-    spacing: tuple[float, float, float]
-    folds: tuple[int, ...]
+    spacing: tuple[float, float, float]  # the finest allowed where `resolution_range` is a [min, max] pair
+    folds: tuple[Fold, ...]
     labels: dict[int, int]  # model output index -> SPINEPS id
     step_size: float = 0.5
     mirroring: bool = False
     raw: dict[str, Any] | None = None
+    spacing_max: tuple[float, float, float] | None = None  # the coarsest allowed, for a [min, max] pair
+
+    def spacing_for(self, input_spacing: ArrayLike) -> tuple[float, float, float]:
+        """The model-space spacing of an image whose spacing along the model's axes is `input_spacing`:
+        the fixed resolution, or for a [min, max] pair each axis clamped into it (SPINEPS's rule)."""
+        if self.spacing_max is None:
+            return self.spacing
+        clamped = np.clip(np.asarray(input_spacing, float), self.spacing, self.spacing_max)
+        return (float(clamped[0]), float(clamped[1]), float(clamped[2]))
+
+
+def parse_fold(value: Any) -> Fold:
+    """A fold of `available_folds` or of the config: 0, "0" -> 0; "all" -> "all"."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a fold: {value!r}")
+    if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
+        return int(value)
+    if value == "all":
+        return "all"
+    raise ValueError(f"not a fold: {value!r}")
+
+
+def parse_available_folds(value: Any) -> tuple[Fold, ...]:
+    """SPINEPS's `available_folds`: an int n (folds 0..n-1), one fold as a string ("all", "0"), or a list."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return tuple(range(value))
+    if isinstance(value, str):
+        return (parse_fold(value),)
+    return tuple(parse_fold(v) for v in value)
+
+
+def fold_checkpoint(folder: str | Path, fold: Fold) -> Path | None:
+    """A fold's weights: `checkpoint_final.pth`, else `checkpoint_best.pth`; None where neither exists."""
+    for name in CHECKPOINT_NAMES:
+        if (path := Path(folder) / f"fold_{fold}" / name).is_file():
+            return path
+    return None
 
 
 def _spineps_id(value: Any) -> int:
@@ -79,9 +122,9 @@ def _spineps_id(value: Any) -> int:
 def read_model_config(folder: str | Path) -> ModelConfig:
     """Read and check a SPINEPS-format model folder's `inference_config.json`.
 
-    `resolution_range` may be one triple or a [min, max] pair; for a pair the
-    finest allowed resolution is used. `available_folds` may be an int n
-    (folds 0..n-1) or a list.
+    `resolution_range` is one triple or a [min, max] pair (see `ModelConfig.spacing_for`);
+    `available_folds` any of SPINEPS's forms (`parse_available_folds`); label names are
+    SPINEPS's Location names or ids.
     """
     folder = Path(folder)
     path = folder / "inference_config.json"
@@ -90,34 +133,34 @@ def read_model_config(folder: str | Path) -> ModelConfig:
     try:
         cfg = json.loads(path.read_text())
         res = cfg["resolution_range"]
-        spacing = res[0] if isinstance(res[0], list) else res
-        folds = cfg.get("available_folds", 1)
-        folds = list(range(folds)) if isinstance(folds, int) else [int(f) for f in folds]
+        spacing, spacing_max = (res[0], res[1]) if isinstance(res[0], list) else (res, None)
+        folds = parse_available_folds(cfg.get("available_folds", 1))
         labels = {int(k): _spineps_id(v) for k, v in cfg["labels"].items()}
         orientation = tuple(str(c).upper() for c in cfg["model_expected_orientation"])
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise ModelError(f"{path}: malformed ({type(exc).__name__}: {exc})") from None
-    if len(orientation) != 3 or len(spacing) != 3:
+    if len(orientation) != 3 or len(spacing) != 3 or (spacing_max is not None and len(spacing_max) != 3):
         raise ModelError(f"{path}: orientation and resolution need three axes")
     return ModelConfig(
         path=folder,
         orientation=orientation,
         spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
-        folds=tuple(folds),
+        folds=folds,
         labels=labels,
         step_size=float(cfg.get("default_step_size", 0.5)),
         mirroring=bool(cfg.get("inference_augmentation", False)),
         raw=cfg,
+        spacing_max=None if spacing_max is None else (float(spacing_max[0]), float(spacing_max[1]), float(spacing_max[2])),
     )
 
 
-def check_model(folder: str | Path, folds: Sequence[int]) -> ModelConfig:
+def check_model(folder: str | Path, folds: Sequence[Fold]) -> ModelConfig:
     """Start-up check of a model folder: the folds asked for exist, and its label map is SPINEPS's and fits the network.
 
     Reads only JSON files: cheap enough for every workflow start.
     """
     model = read_model_config(folder)
-    missing = [f for f in folds if f not in model.folds or not (model.path / f"fold_{f}" / "checkpoint_final.pth").is_file()]
+    missing = [f for f in folds if f not in model.folds or fold_checkpoint(model.path, f) is None]
     if missing:
         raise ModelError(f"model folder {model.path}: fold(s) {missing} asked for but missing (available: {list(model.folds)})")
     mapped = {k: v for k, v in model.labels.items() if k != 0}  # an explicit background entry is harmless
@@ -148,20 +191,10 @@ def pick_device(requested: str = "auto"):
 class FoldPredictor:
     """One nnU-Net fold, loaded once, predicting float16 logits for many images."""
 
-    def __init__(self, model: ModelConfig, fold: int, *, device: str = "auto", threads: int = 1) -> None:
+    def __init__(self, model: ModelConfig, fold: Fold, *, device: str = "auto", threads: int = 1) -> None:
         import torch
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-        from .checkpoints import CheckpointError, load_checkpoint
-
-        checkpoint = model.path / f"fold_{fold}" / "checkpoint_final.pth"
-        if not checkpoint.is_file():
-            raise ModelError(f"model folder {model.path}: fold {fold} has no {checkpoint.name}")
-        # nnU-Net unpickles with weights_only=False; first prove the file names no code to run.
-        try:
-            load_checkpoint(checkpoint)
-        except CheckpointError as exc:
-            raise ModelError(str(exc)) from None
         torch.set_num_threads(threads)
         self.device = pick_device(device)
         self.predictor = nnUNetPredictor(
@@ -174,7 +207,7 @@ class FoldPredictor:
             verbose_preprocessing=False,
             allow_tqdm=False,
         )
-        self.predictor.initialize_from_trained_model_folder(str(model.path), use_folds=(fold,))
+        _initialize(self.predictor, model, fold)
         n_out = self.predictor.label_manager.num_segmentation_heads
         if set(model.labels) - set(range(n_out)):
             raise ModelError(
@@ -191,6 +224,43 @@ class FoldPredictor:
         data, _, props = preprocessor.run_case([str(image_path)], None, p.plans_manager, p.configuration_manager, p.dataset_json)
         logits = p.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
         return logits.numpy().astype(np.float16, copy=False), _jsonable(props)
+
+
+def _initialize(predictor: Any, model: ModelConfig, fold: Fold) -> None:
+    """Load one fold into `predictor`, the network built from the plans alone.
+
+    nnU-Net's own loader imports the trainer class the checkpoint names (unknown trainers of
+    older releases fail) and unpickles with weights_only=False. Here the checkpoint is read as
+    weights and plain data only (`checkpoints.load_checkpoint`), and the network is the one its
+    plans describe (old pre-2.4 plans are converted by nnU-Net's PlansManager), as SPINEPS does.
+    """
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from .checkpoints import CheckpointError, load_checkpoint
+
+    path = fold_checkpoint(model.path, fold)
+    if path is None:
+        raise ModelError(f"model folder {model.path}: fold {fold} has none of {', '.join(CHECKPOINT_NAMES)}")
+    try:
+        checkpoint = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise ModelError(str(exc)) from None
+    plans = PlansManager(json.loads((model.path / "plans.json").read_text()))
+    dataset = json.loads((model.path / "dataset.json").read_text())
+    configuration = plans.get_configuration(checkpoint.get("init_args", {}).get("configuration", _configuration_name(model.path)))
+    network = get_network_from_plans(
+        configuration.network_arch_class_name, configuration.network_arch_init_kwargs,
+        configuration.network_arch_init_kwargs_req_import, determine_num_input_channels(plans, configuration, dataset),
+        plans.get_label_manager(dataset).num_segmentation_heads, allow_init=True, deep_supervision=False,
+    )  # fmt: skip
+    try:
+        network.load_state_dict(checkpoint["network_weights"])
+    except (KeyError, RuntimeError) as exc:
+        raise ModelError(f"{path}: weights do not fit the network of plans.json ({type(exc).__name__}: {str(exc)[:300]})") from None
+    predictor.manual_initialization(network, plans, configuration, [checkpoint["network_weights"]], dataset,
+                                    str(checkpoint.get("trainer_name", "")), checkpoint.get("inference_allowed_mirroring_axes"))
 
 
 def _jsonable(obj: Any) -> Any:

@@ -105,8 +105,10 @@ def get_fold_logits(wildcards):
     ]
 
 
-def get_fold_checkpoints():
-    return [get_model_file(f"fold_{f}/checkpoint_final.pth") for f in FOLDS]
+def get_fold_checkpoint(wildcards):
+    """A fold's weights as SPINEPS finds them: checkpoint_final.pth, else checkpoint_best.pth."""
+    found = semantic.fold_checkpoint(MODEL, semantic.parse_fold(wildcards.fold))
+    return str(found or Path(MODEL) / f"fold_{wildcards.fold}" / semantic.CHECKPOINT_NAMES[0])
 
 
 def get_final_output(wildcards):
@@ -186,7 +188,7 @@ def memory_mb(base):
 
 wildcard_constraints:
     batch=r"b[0-9]+",
-    fold=r"[0-9]+",
+    fold=r"[0-9]+|all",
     subject_folder=r"sub-[^/]+(/ses-[^/]+)?/anat",
     image_id=r"[^/]+",
     seg=r"[a-z]+",

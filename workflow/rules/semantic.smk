@@ -3,7 +3,7 @@ rule predict_fold:
         manifest=ancient(MANIFEST),
         resampled=stage_dir("resample"),
         model=get_model_file("inference_config.json"),
-        checkpoint=get_model_file("fold_{fold}/checkpoint_final.pth"),
+        checkpoint=get_fold_checkpoint,
     output:
         temp(directory(stage_dir("predict-fold"))),
     log:
