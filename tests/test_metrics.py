@@ -174,3 +174,21 @@ def test_perfect_instances_score_one():
     s = metrics.score_instances(ref, ref, spacing)
     assert (s.fp, s.fn, s.pq, s.recall, s.precision) == (0, 0, 1.0, 1.0, 1.0)
     assert all(m[4] == 0.0 for m in s.matched)
+
+
+def test_fold_agreement_is_the_mean_pairwise_dice_of_the_folds():
+    a = np.zeros((4, 4, 4), np.uint8)
+    a[0, :2, :2] = 49  # 4 voxels of corpus
+    a[3, 3, 3] = 100
+    b, c = a.copy(), a.copy()
+    b[0, 1, :2] = 0  # 2 of the 4 corpus voxels
+    c[0] = 0  # no corpus at all
+    c[1, 1, 1] = 61  # canal in one fold only
+    got = metrics.fold_agreement([a, b, c], {"corpus": [49], "IVD": [100], "canal": [61], "cord": [60], "corpus+IVD": [49, 100]})
+    assert got["corpus"] == pytest.approx((2 * 2 / 6 + 0 + 0) / 3)
+    assert got["IVD"] == 1.0
+    assert got["canal"] == pytest.approx((0 + 0) / 2)  # the pair without it (a, b) is left out
+    assert np.isnan(got["cord"])
+    assert got["corpus+IVD"] == pytest.approx((2 * 3 / 8 + 2 * 1 / 6 + 2 * 1 / 4) / 3)
+    with pytest.raises(ValueError, match="two or more folds"):
+        metrics.fold_agreement([a], {"corpus": [49]})

@@ -129,3 +129,26 @@ def test_demo_run_writes_partitioned_scores_table_s1_and_plots(demo_local_run: P
     by_region = pd.read_parquet(summ / "by_region.parquet")
     assert set(by_region.structure) == set(SUPPLEMENT_ROWS) | {"Vertebra instances", "IVD instances", "Vertebra levels"}
     assert (by_region.n + by_region.n_excluded == CONFIG["demo"]["subjects"]).all()
+
+
+@pytest.mark.slow
+def test_the_demo_records_how_much_its_folds_agree(demo_local_run: Path):
+    """Per image and model label, the folds' mean pairwise DSC; its worst label in the ledger."""
+    from spinecohort.labels import SEMANTIC_NAMES
+    from spinecohort.semantic import read_model_config
+
+    labels = {SEMANTIC_NAMES[i] for i in read_model_config(Path(__file__).parents[1] / "resources/demo_models/semantic").labels.values()}
+    folders = sorted((demo_local_run / "work").glob(f"b*/{layout.folder('average-folds')}"))
+    assert len(folders) == 3
+    for folder in folders:
+        ledger = pd.read_csv(folder / layout.LEDGER, sep="\t", keep_default_na=False).set_index("image_id")
+        table = pd.read_csv(folder / layout.FOLD_AGREEMENT, sep="\t")
+        assert set(table.image_id) == set(ledger.index)
+        for image_id, rows in table.groupby("image_id"):
+            assert set(rows.structure) == labels
+            present = rows.dropna(subset="dsc")
+            assert present.dsc.between(0, 1).all()
+            worst = present.loc[present.dsc.idxmin()]
+            assert (ledger.loc[image_id, "fold_agreement_worst"], ledger.loc[image_id, "fold_agreement"]) == (worst.structure, worst.dsc)
+            big = rows.set_index("structure").dsc[["corpus", "spinal canal", "IVD"]]
+            assert (big > 0.9).all(), (image_id, big)  # three trained folds agree on the large structures

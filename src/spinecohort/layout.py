@@ -14,6 +14,7 @@ from typing import Final, NamedTuple
 LEDGER: Final = "ledger.tsv"
 LEDGER_COLUMNS: Final = ("image_id", "stage", "status", "message")  # then each stage's own fact columns
 BATCH_SCORES: Final = "scores.parquet"
+FOLD_AGREEMENT: Final = "fold_agreement.tsv"  # average_folds: image_id, structure, dsc (mean pairwise DSC of the folds)
 
 
 class BatchStage(NamedTuple):

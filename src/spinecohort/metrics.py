@@ -28,6 +28,7 @@ six face neighbours all carry its own label cannot be on any structure's surface
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ __all__ = [
     "StructureScore",
     "assd",
     "centroids_mm",
+    "fold_agreement",
     "identify",
     "match_instances",
     "score_instances",
@@ -143,6 +145,25 @@ def _sizes(labels: NDArray[np.int64], counts: NDArray[np.int64]) -> dict[int, in
     """Voxels per non-zero label, summed from joint counts."""
     ids, inverse = np.unique(labels, return_inverse=True)
     return {int(i): int(n) for i, n in zip(ids, np.bincount(inverse, weights=counts)) if i}
+
+
+def fold_agreement(segs: Sequence[NDArray[np.integer]], structures: Mapping[str, Sequence[int]]) -> dict[str, float]:
+    """Mean pairwise DSC between the folds' own label maps, per structure: a QC signal that needs no reference.
+
+    A pair where neither fold has the structure is left out; where only one has it, its DSC is 0.
+    NaN where no fold has it. Overlaps come from one joint histogram per pair (`_joint_counts`).
+    """
+    if len(segs) < 2:
+        raise ValueError(f"fold agreement needs two or more folds, got {len(segs)}")
+    dscs: dict[str, list[float]] = {name: [] for name in structures}
+    for a, b in itertools.combinations(segs, 2):
+        pairs, counts = _joint_counts(a, b)
+        for name, ids in structures.items():
+            in_a, in_b = np.isin(pairs[0], ids), np.isin(pairs[1], ids)
+            n_a, n_b, both = (int(counts[m].sum()) for m in (in_a, in_b, in_a & in_b))
+            if n_a or n_b:
+                dscs[name].append(2 * both / (n_a + n_b))
+    return {name: float(np.mean(v)) if v else float("nan") for name, v in dscs.items()}
 
 
 def score_structures(

@@ -25,7 +25,7 @@ import pandas as pd
 
 from . import cohort, io, layout
 from .defaults import N4 as N4_DEFAULTS
-from .labels import ENDPLATE_OFFSET, IVD_OFFSET, REGIONS
+from .labels import ENDPLATE_OFFSET, IVD_OFFSET, REGIONS, SEMANTIC_NAMES
 from .labels import VERTEBRA_NAMES as L_NAMES
 from .metrics import ASSD_DEFINITIONS
 from .semantic import Fold, parse_fold
@@ -158,21 +158,43 @@ def _predict_fold(
     run_stage(layout.ledger_stage("predict-fold", fold=fold), batch_rows(manifest, batch), out, work, upstream=[input])
 
 
-def _average_folds(*, manifest: Path, batch: str, out: Path, model: Path, folds: list[Path], resampled: Path) -> None:
+def _average_folds(
+    *, manifest: Path, batch: str, out: Path, model: Path, folds: list[Path], resampled: Path
+) -> None:
+    """Also writes how much the folds agree (`metrics.fold_agreement` of their own argmax masks, in network
+    space): per label the model outputs in `layout.FOLD_AGREEMENT`, the worst as ledger facts. Per label, not
+    per scored structure: the scoring config must not make the semantic phase rerun."""
     from .geometry import spacing_of
-    from .semantic import average_fold_logits, clean_semantic, logits_to_segmentation, map_labels, read_model_config
+    from .metrics import fold_agreement
+    from .semantic import (
+        average_fold_logits,
+        clean_semantic,
+        fold_label_maps,
+        logits_to_segmentation,
+        map_labels,
+        read_model_config,
+    )
 
     config = read_model_config(model)
+    structures = {SEMANTIC_NAMES[i]: [i] for i in sorted(set(config.labels.values()) - {0})}
+    agreement: list[dict[str, Any]] = []
 
-    def work(row: pd.Series) -> None:
+    def work(row: pd.Series) -> Outcome:
         logits = [io.load_logits(layout.fold_logits(folder, row.image_id)) for folder in folds]
         props = io.read_json(layout.fold_properties(folds[0], row.image_id))
         seg = logits_to_segmentation(config.path, average_fold_logits(logits), props)
         affine = io.load_affine(layout.model_input(resampled, row.image_id))
         seg = clean_semantic(map_labels(seg, config.labels), spacing_of(affine))
         io.save_nifti(layout.raw_semantic(out, row.image_id), seg, affine, dtype=np.uint8)
+        if len(logits) < 2:
+            return None
+        dsc = fold_agreement(fold_label_maps(logits, config.labels), structures)
+        agreement.extend({"image_id": row.image_id, "structure": k, "dsc": round(v, 4)} for k, v in dsc.items())
+        worst = min((k for k in dsc if not np.isnan(dsc[k])), key=dsc.__getitem__, default=None)
+        return {"message": "", "fold_agreement": f"{dsc[worst]:.4f}" if worst else "", "fold_agreement_worst": worst or ""}
 
     run_stage(layout.ledger_stage("average-folds"), batch_rows(manifest, batch), out, work, upstream=folds)
+    io.write_tsv(out / layout.FOLD_AGREEMENT, pd.DataFrame(agreement, columns=["image_id", "structure", "dsc"]))
 
 
 def _assemble_instances(

@@ -289,6 +289,13 @@ def average_fold_logits(fold_logits: Sequence[NDArray[np.float16]]) -> NDArray[n
     return acc.numpy()
 
 
+def fold_label_maps(fold_logits: Sequence[NDArray[np.float16]], labels: dict[int, int]) -> list[NDArray[np.uint8]]:
+    """Each fold's own argmax in network space, as SPINEPS ids (what `metrics.fold_agreement` compares)."""
+    import torch
+
+    return [map_labels(torch.from_numpy(np.asarray(f)).argmax(dim=0).numpy(), labels) for f in fold_logits]
+
+
 def logits_to_segmentation(model_folder: str | Path, logits: NDArray[np.float16], properties: dict[str, Any]) -> NDArray[np.uint8]:
     """nnU-Net's own conversion (resample to the input, argmax, uncrop); returns (i, j, k) order.
 
