@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -171,6 +172,17 @@ def test_atomic_writes_leave_nothing_half_written_and_sweep_a_killed_writers_tem
         tmp.write_bytes(b"done")
     assert target.read_bytes() == b"done"
     assert sorted(tmp_path.iterdir()) == sorted([target, *others])  # other files' temporaries are theirs
+
+
+def test_results_are_readable_as_the_umask_allows_and_a_published_link_is_the_same_file(tmp_path: Path):
+    import subprocess
+
+    script = ("import os, sys; os.umask(0o027); from spinecohort import io; import pandas as pd;"
+              "io.write_tsv(sys.argv[1] + '/a.tsv', pd.DataFrame({'x': [1]})); io.publish(sys.argv[1] + '/a.tsv', sys.argv[1] + '/tree/a.tsv')")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True)
+    written, published = tmp_path / "a.tsv", tmp_path / "tree" / "a.tsv"
+    assert written.stat().st_mode & 0o777 == 0o640  # group reads it (mkstemp alone gives 0600)
+    assert published.samefile(written) and published.read_text() == "x\n1\n"
 
 
 def test_version_is_the_installed_distributions():

@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=150, help="images per batch (default 150: ~5,400 jobs for 90,000 images)")
     p.add_argument("-o", "--output", type=Path, required=True, help="manifest TSV to write")
 
+    p = sub.add_parser("publish", help="relink a derivative into the BIDS tree from the restore folder that made it")
+    p.add_argument("folder", type=Path, help="the batch's restore folder")
+    p.add_argument("target", type=Path, help="the derivative to make (the folder holds a file of its name)")
+
     from . import pipeline, training
 
     pipeline.add_stage_parsers(sub)
@@ -105,6 +109,17 @@ def _manifest(args: argparse.Namespace) -> None:
     table = cohort.assign_batches(rows, batch_size=args.batch_size, previous=previous)
     io.write_tsv(args.output, cohort.check_manifest(table, source=str(args.output)))
     log.info("wrote %d rows in %d batches to %s", len(table), table["batch"].nunique(), args.output)
+
+
+@_command("publish")
+def _publish(args: argparse.Namespace) -> None:
+    from . import io
+
+    source = args.folder / args.target.name
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: restore did not make it (see the ledger in {args.folder})")
+    io.publish(source, args.target)
+    log.info("linked %s to %s", args.target, source)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

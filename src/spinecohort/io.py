@@ -46,6 +46,11 @@ MIN_SPACING_MM = 1e-3
 SHEAR_TOLERANCE = 1e-3
 
 
+# The process's umask, read once (setting it is the only way to read it).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class ImageError(ValueError):
     """An input image that cannot be processed; the message names file and reason."""
 
@@ -64,6 +69,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     for stale in path.parent.glob(f"{glob.escape(prefix)}*{glob.escape(suffix)}"):
         stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a lab's group must read the results
     os.close(fd)
     tmp_path = Path(tmp)
     try:

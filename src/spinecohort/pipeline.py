@@ -245,7 +245,7 @@ def _level_names(instance: np.ndarray, counted: bool) -> dict[int, str]:
 
 def _restore(*, manifest: Path, batch: str, out: Path, input: Path, instances: Path, derivatives: Path) -> None:
     """Writes each image's results into `out` under their BIDS names and publishes them into `derivatives`
-    (`io.publish`): the work folder is what Snakemake knows, the Snakefile relinks what goes missing from the tree (rule publish_derivative)."""
+    (`io.publish`): the work folder is what Snakemake knows, the Snakefile relinks what goes missing from the tree (rule publish_derivative, `spinecohort publish`)."""
     from .geometry import resample, spacing_of
     from .instances import claim_instances
     from .qc import snapshot_png

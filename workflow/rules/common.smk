@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from spinecohort import cohort, io, layout, phantom, semantic
+from spinecohort import cohort, layout, phantom, semantic
 
 RESULTS = Path(config["results"])
 WORK = RESULTS / "work"
@@ -108,7 +108,9 @@ def get_fold_logits(wildcards):
 def get_fold_checkpoint(wildcards):
     """A fold's weights as SPINEPS finds them: checkpoint_final.pth, else checkpoint_best.pth."""
     found = semantic.fold_checkpoint(MODEL, semantic.parse_fold(wildcards.fold))
-    return str(found or Path(MODEL) / f"fold_{wildcards.fold}" / semantic.CHECKPOINT_NAMES[0])
+    return str(
+        found or Path(MODEL) / f"fold_{wildcards.fold}" / semantic.CHECKPOINT_NAMES[0]
+    )
 
 
 def get_final_output(wildcards):

@@ -86,6 +86,10 @@ rule publish_derivative:
         restore=get_restore_folder_of,
     output:
         DERIVATIVES / "{subject_folder}" / layout.DERIVATIVE_NAME,
+    log:
+        LOGS / "publish_derivative" / "{subject_folder}" / "{image_id}_{seg}_{suffix}.log",
     localrule: True
-    run:
-        io.publish(Path(input.restore) / Path(output[0]).name, output[0])
+    conda:
+        "../../envs/spinecohort.yaml"
+    shell:
+        "spinecohort publish {input.restore} {output} &> {log}"
