@@ -87,7 +87,10 @@ rule publish_derivative:
     output:
         DERIVATIVES / "{subject_folder}" / layout.DERIVATIVE_NAME,
     log:
-        LOGS / "publish_derivative" / "{subject_folder}" / "{image_id}_{seg}_{suffix}.log",
+        LOGS
+        / "publish_derivative"
+        / "{subject_folder}"
+        / "{image_id}_{seg}_{suffix}.log",
     localrule: True
     conda:
         "../../envs/spinecohort.yaml"
