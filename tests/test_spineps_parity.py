@@ -107,6 +107,16 @@ def test_spineps_loads_our_models_and_segments_like_us(demo_local_run: Path, tmp
         assert result["raw agreement, our N4"] >= 0.995, result
         assert dices and min(dices.values()) >= 0.99, result
         assert vertebrae(theirs_vert) >= 1, result
+    # The README's parity table says what this run measured (SPINEPS's 2-thread N4 column aside: threads race).
+    readme = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+              for line in (ROOT / "README.md").read_text().split("## SPINEPS parity")[1].split("\n## ")[0].splitlines()
+              if line.startswith("| ") and line.split("|")[1].strip() in {"cervical", "thoracic", "lumbar"}}  # fmt: skip
+    for r in table:
+        dice_text = " / ".join(f"{r[f'Dice {k}']:.3f}" for k in ("spinal cord", "spinal canal", "IVD"))
+        dice_text += f" (sacrum {r['Dice sacrum']:.3f})" if "Dice sacrum" in r else ""
+        row = readme[r["station"]]
+        assert (row[0], row[1], row[3], row[4]) == (f"{100 * r['raw agreement, our N4']:.2f} %", f"{100 * r['raw agreement, each its N4']:.1f} %",
+                                                    dice_text, r["vertebrae ours / SPINEPS"]), (r["station"], row)  # fmt: skip
     report = pd.DataFrame(table).round(4).to_markdown(index=False)
     (tmp_path / "parity.md").write_text(report + "\n")
     print("\n" + report)
