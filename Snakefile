@@ -18,6 +18,7 @@ include: "workflow/rules/demo.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/semantic.smk"
 include: "workflow/rules/instance.smk"
+include: "workflow/rules/levels.smk"
 include: "workflow/rules/metrics.smk"
 include: "workflow/rules/train.smk"
 

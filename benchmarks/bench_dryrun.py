@@ -73,17 +73,19 @@ def dry_run(path: Path, model: Path, results: Path, batch_size: int) -> tuple[fl
 
 
 def publish_everything(path: Path, results: Path) -> int:
-    """What a finished run leaves for the Snakefile's published-view check: every restore folder
-    holding each image's derivatives, each linked into the BIDS tree. Returns the file count."""
+    """What a finished run leaves for the Snakefile's published-view check: every restore and label-levels
+    folder holding each image's derivatives, each linked into the BIDS tree. Returns the file count."""
     table = cohort.read_manifest(path)
+    group_of = {i: g for g, ids in cohort.subject_groups(table).items() for i in ids}
     n = 0
     for r in table.itertuples():
-        made = results / "work" / r.batch / layout.folder("restore")
         tree = results / "derivatives" / "spinecohort" / layout.subject_folder(r.subject, r.session)
-        made.mkdir(parents=True, exist_ok=True)
         tree.mkdir(parents=True, exist_ok=True)
-        for seg, suffix in layout.DERIVATIVES:
-            name = layout.derivative_name(r.image_id, seg, suffix)
+        for kind in layout.DERIVATIVES:
+            unit = group_of[r.image_id] if layout.stage(kind.stage).per_subject else r.batch
+            made = results / "work" / unit / layout.folder(kind.stage)
+            made.mkdir(parents=True, exist_ok=True)
+            name = layout.derivative_name(r.image_id, kind.seg, kind.suffix)
             (made / name).touch()
             os.link(made / name, tree / name)
             n += 1

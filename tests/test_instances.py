@@ -150,7 +150,7 @@ def test_a_transitional_vertebra_is_found_and_counted_from_s1():
 
 
 def test_network_path_runs_through_the_stage_cli(small_cohort, tmp_path):
-    """assemble-instances with a (random-weight) SPINEPS-format model on true semantic masks, then restore."""
+    """assemble-instances with a (random-weight) SPINEPS-format model on true semantic masks, then restore and label-levels."""
     import subprocess
 
     import pandas as pd
@@ -177,10 +177,19 @@ def test_network_path_runs_through_the_stage_cli(small_cohort, tmp_path):
         assert nib_codes(affine) == ("P", "I", "R")
     subprocess.run(["spinecohort", "restore", *common, "--input", semantic, "--instances", tmp_path / "instances",
                     "--derivatives", tmp_path / "derivatives", "--out", tmp_path / "restore"], check=True, capture_output=True)
+    # The subject group b0001 also holds the subjects' thoracic stations (batch b0002), not restored here.
+    subprocess.run(["spinecohort", "label-levels", *common, "--restore", tmp_path / "restore",
+                    "--derivatives", tmp_path / "derivatives", "--out", tmp_path / "levels"], check=True, capture_output=True)
+    ledger = pd.read_csv(tmp_path / "levels" / "ledger.tsv", sep="\t", dtype=str, keep_default_na=False).set_index("image_id")
+    assert set(ledger.index) == set(table.image_id)
+    others = table[table.batch != "b0001"].image_id
+    assert (ledger.status[others] == "skipped").all() and set(ledger.message[others]) == {"restored by none of the given restore folders"}
     for _, row in batch.iterrows():
         image, affine = io.load_image(row.image)
-        vert, vert_affine = io.load_mask(derivative_path(tmp_path / "derivatives", row, "vert"))
-        assert vert.shape == image.shape and np.allclose(vert_affine, affine)
+        assert ledger.status[row.image_id] == "ok"
+        for seg in ("spine", "vert"):
+            mask, mask_affine = io.load_mask(derivative_path(tmp_path / "derivatives", row, seg))
+            assert mask.shape == image.shape and np.allclose(mask_affine, affine)
         assert derivative_path(tmp_path / "derivatives", row, "vert", "snp.png").read_bytes()[:4] == b"\x89PNG"
 
 

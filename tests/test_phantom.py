@@ -185,11 +185,13 @@ def test_unwritable_output_folder_fails_cleanly(tmp_path: Path):
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
-def test_planned_batches_are_the_written_manifests(small_cohort: Path):
-    """The workflow plans the demo's batches before the cohort exists; they must be the written ones."""
-    from spinecohort.phantom import planned_batches
+def test_planned_manifest_is_the_written_manifest(small_cohort: Path):
+    """The workflow plans the demo's batches and subject groups before the cohort exists; they must be the written ones."""
+    from spinecohort.phantom import planned_manifest
 
-    table = pd.read_csv(small_cohort, sep="\t", dtype=str)
+    table = pd.read_csv(small_cohort, sep="\t", dtype=str, keep_default_na=False)
+    columns = ["subject", "session", "region", "image_id", "batch"]
+    planned = planned_manifest(subjects=2, batch_size=4)
+    pd.testing.assert_frame_equal(planned[columns].reset_index(drop=True), table[columns])
     written = {batch: sorted(ids) for batch, ids in table.groupby("batch")["image_id"]}
-    assert planned_batches(subjects=2, batch_size=4) == written
     assert len(written) == 2 and sum(map(len, written.values())) == 6

@@ -65,7 +65,7 @@ def test_a_run_killed_in_every_stage_reruns_to_the_same_bytes(demo_local_run: Pa
 
 
 def test_a_deleted_derivative_is_planned_and_relinked_to_the_same_bytes(demo_local_run: Path):
-    """The BIDS tree is restore's published view: `snakemake -n` plans exactly what was deleted, nothing else reruns."""
+    """The BIDS tree is the stages' published view: `snakemake -n` plans exactly what was deleted, nothing else reruns."""
     before = digests(demo_local_run)
     tree = demo_local_run / "derivatives" / "spinecohort"
     deleted = [next(tree.rglob("*chunk-LWS_mod-T2w_seg-vert_msk.nii.gz")), next(tree.rglob("*chunk-HWS_mod-T2w_seg-vert_snp.png"))]
@@ -78,8 +78,8 @@ def test_a_deleted_derivative_is_planned_and_relinked_to_the_same_bytes(demo_loc
     rerun = demo(demo_local_run)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert digests(demo_local_run) == before
-    work = {p.name: p for p in (demo_local_run / "work").rglob("restore/*")}
-    assert all(path.samefile(work[path.name]) for path in deleted)  # a link to restore's file, not a copy
+    made = {p.name: p for p in (demo_local_run / "work").rglob("levels/*")}  # label-levels made both
+    assert all(path.samefile(made[path.name]) for path in deleted)  # a link to the stage's file, not a copy
 
 
 def _variant(folder: Path, source: str, name: str, edit) -> Path:

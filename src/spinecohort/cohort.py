@@ -130,6 +130,21 @@ def assign_batches(rows: pd.DataFrame, *, batch_size: int, previous: pd.DataFram
     return out.sort_values(["batch", "image_id"]).reset_index(drop=True)
 
 
+def subject_groups(table: pd.DataFrame) -> dict[str, list[str]]:
+    """Group -> image ids: each subject (and session) joins the group named after its first batch.
+
+    Stable as a cohort grows: new images fill new batches (`assign_batches`), so a subject already
+    in a group keeps it, and a new subject's group is new.
+
+    >>> rows = pd.DataFrame({"subject": ["1", "1", "2"], "session": ["", "", ""], "image_id": ["a", "b", "c"],
+    ...                      "batch": ["b0002", "b0001", "b0002"]})
+    >>> subject_groups(rows)
+    {'b0001': ['a', 'b'], 'b0002': ['c']}
+    """
+    first = table.groupby(["subject", "session"])["batch"].transform("min")
+    return {group: sorted(ids) for group, ids in table.groupby(first)["image_id"]}
+
+
 def check_manifest(table: pd.DataFrame, *, source: str = "manifest", require_batch: bool = True) -> pd.DataFrame:
     """Check columns, ids, regions and uniqueness; return the table with all columns as str.
 

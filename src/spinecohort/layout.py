@@ -17,11 +17,17 @@ BATCH_SCORES: Final = "scores.parquet"
 FOLD_AGREEMENT: Final = "fold_agreement.tsv"  # average_folds: image_id, structure, dsc (mean pairwise DSC of the folds)
 
 
+SUBJECT_LEVELS: Final = "subject_levels.tsv"  # label-levels: one row per subject (see `subject_levels`)
+
+
 class BatchStage(NamedTuple):
     command: str  # `spinecohort <command>`, also what the crash test kills
     ledger: str  # the ledger's `stage` column
     folder: str  # under results/work/<batch>/; the fold folders hold the fold number ({fold})
     kept: bool  # its ledger outlives the run (fold folders are temporary)
+    # Runs once per subject group over all stations of its subjects, whichever batches hold them; a
+    # group is named after the first batch of each of its subjects (`cohort.subject_groups`).
+    per_subject: bool = False
 
 
 # The per-batch stages in workflow order; `summarize` follows, cohort-wide.
@@ -32,13 +38,17 @@ BATCH_STAGES: Final = (
     BatchStage("average-folds", "average_folds", "semantic", True),
     BatchStage("assemble-instances", "assemble_instances", "instances", True),
     BatchStage("restore", "restore", "restore", True),
+    BatchStage("label-levels", "label_levels", "levels", True, per_subject=True),
     BatchStage("score", "score", "scores", True),
 )
 COHORT_STAGES: Final = ("summarize",)
-LEDGER_FOLDERS: Final = tuple(s.folder for s in BATCH_STAGES if s.kept)
+# The ledger-keeping folders of every batch, and of every subject group.
+LEDGER_FOLDERS: Final = tuple(s.folder for s in BATCH_STAGES if s.kept and not s.per_subject)
+GROUP_LEDGER_FOLDERS: Final = tuple(s.folder for s in BATCH_STAGES if s.kept and s.per_subject)
 
 
-def _stage(command: str) -> BatchStage:
+def stage(command: str) -> BatchStage:
+    """A per-batch stage by its command."""
     return next(s for s in BATCH_STAGES if s.command == command)
 
 
@@ -48,7 +58,7 @@ def folder(command: str) -> str:
     >>> folder("assemble-instances")
     'instances'
     """
-    return _stage(command).folder
+    return stage(command).folder
 
 
 def ledger_stage(command: str, *, fold: int | str | None = None) -> str:
@@ -57,7 +67,7 @@ def ledger_stage(command: str, *, fold: int | str | None = None) -> str:
     >>> ledger_stage("predict-fold", fold=2)
     'predict_fold2'
     """
-    return _stage(command).ledger.format(fold=fold)
+    return stage(command).ledger.format(fold=fold)
 
 
 def n4_image(folder: Path, image_id: str) -> Path:
@@ -87,8 +97,18 @@ def raw_instances(folder: Path, image_id: str) -> Path:
     return folder / f"{image_id}_seg-vert-raw_msk.nii.gz"
 
 
-# What restore writes per image: (seg entity, suffix) of each derivative.
-DERIVATIVES: Final = (("spine", "msk.nii.gz"), ("vert", "msk.nii.gz"), ("vert", "snp.png"))
+class Derivative(NamedTuple):
+    seg: str  # the seg- entity
+    suffix: str
+    stage: str  # the stage command whose work folder holds it under its BIDS name (and publishes it)
+
+
+# Every published result per image. restore also keeps the station-numbered vertebra mask in its folder.
+DERIVATIVES: Final = (
+    Derivative("spine", "msk.nii.gz", "restore"),
+    Derivative("vert", "msk.nii.gz", "label-levels"),
+    Derivative("vert", "snp.png", "label-levels"),
+)
 SNAPSHOT: Final = ("vert", "snp.png")
 DERIVATIVE_NAME: Final = "{image_id}_mod-T2w_seg-{seg}_{suffix}"
 
@@ -115,5 +135,5 @@ def derivative(root: Path, subject: str, session: str, image_id: str, seg: str, 
     return root / subject_folder(subject, session) / derivative_name(image_id, seg, suffix)
 
 
-# The report's pattern for restore's snapshots, next to its ledger.
+# The report's pattern for the snapshots, next to label-levels' ledger.
 SNAPSHOT_PATTERN: Final = derivative_name("{image_id}", *SNAPSHOT)

@@ -15,11 +15,12 @@ the pipeline's reorientation to (P, I, R) is exercised.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 from numpy.typing import NDArray
@@ -27,6 +28,9 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from . import labels as L
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "Preset",
@@ -141,18 +145,22 @@ def _dims(names: list[str]) -> NDArray[np.float64]:
     return np.stack([np.interp(idx, xs, vals[:, j]) for j in range(4)], axis=1)
 
 
+ANOMALIES: Final = ("none", "l6", "t13", "t11")
+
+
 def make_subject(seed: int, index: int, *, anomaly: str = "none") -> Subject:
     """Draw one subject's anatomy; deterministic in (seed, index).
 
-    `anomaly`: "none", "l6" (six lumbar vertebrae), "t13" (thirteen thoracic)
-    or "random" (each with probability 1/4).
+    `anomaly`: "none", "l6" (six lumbar vertebrae), "t13" (thirteen thoracic), "t11" (eleven thoracic)
+    or "random" (none 1/2, l6 and t13 1/4 each).
     """
     rng = np.random.default_rng([seed, index, 0])
     if anomaly == "random":
         anomaly = str(rng.choice(["none", "none", "l6", "t13"]))
-    if anomaly not in ("none", "l6", "t13"):
-        raise ValueError(f"unknown anomaly {anomaly!r}; expected none, l6, t13 or random")
-    ids = L.level_sequence(first="C2", thoracic=13 if anomaly == "t13" else 12, lumbar=6 if anomaly == "l6" else 5)
+    if anomaly not in ANOMALIES:
+        raise ValueError(f"unknown anomaly {anomaly!r}; expected one of {', '.join(ANOMALIES)} or random")
+    thoracic = {"t13": 13, "t11": 11}.get(anomaly, 12)
+    ids = L.level_sequence(first="C2", thoracic=thoracic, lumbar=6 if anomaly == "l6" else 5)
     names = [L.VERTEBRA_NAMES[i] for i in ids]
     dims = _dims(names[:-1]) * rng.uniform(0.92, 1.08)
     dims[:, 3] *= rng.uniform(0.9, 1.1)
@@ -454,6 +462,26 @@ def render_station(subject: Subject, region: str, preset: Preset, *, seed: int, 
     return PhantomImage(image, semantic, instance, bias, bias_free, affine)
 
 
+def station_motion(shape: tuple[int, ...], affine: NDArray[np.float64], *, shift_mm: float, rotation_deg: float,
+                   rng: np.random.Generator) -> NDArray[np.float64]:
+    """A rigid 4x4 world transform about the station's centre: the patient moved before this station.
+
+    A shift of random direction and a length drawn up to `shift_mm`, a rotation about a random axis by an
+    angle drawn up to `rotation_deg`. Applied to a station's affine, it moves the anatomy in the scanner
+    frame while image and references keep their voxels, so the truth stays exact.
+    """
+    axis, direction = rng.normal(size=3), rng.normal(size=3)
+    axis, direction = axis / np.linalg.norm(axis), direction / np.linalg.norm(direction)
+    angle = math.radians(rng.uniform(-rotation_deg, rotation_deg))
+    cross = np.array([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
+    rotation = np.eye(3) + math.sin(angle) * cross + (1 - math.cos(angle)) * cross @ cross  # Rodrigues
+    centre = affine[:3, :3] @ ((np.asarray(shape, float) - 1) / 2) + affine[:3, 3]
+    motion = np.eye(4)
+    motion[:3, :3] = rotation
+    motion[:3, 3] = centre - rotation @ centre + direction * rng.uniform(0.0, shift_mm)
+    return motion
+
+
 NAKO_STATION: Final = {"cervical": "HWS", "thoracic": "BWS", "lumbar": "LWS"}
 
 
@@ -462,10 +490,11 @@ def station_stem(index: int, region: str) -> str:
     return f"sub-phantom{index:04d}_acq-sag_chunk-{NAKO_STATION[region]}"
 
 
-def planned_batches(*, subjects: int, batch_size: int, first_index: int = 1) -> dict[str, list[str]]:
-    """Batch -> image ids of the manifest `write_cohort` writes into a fresh folder, known before rendering.
+def planned_manifest(*, subjects: int, batch_size: int, first_index: int = 1) -> pd.DataFrame:
+    """subject, session, region, image_id and batch of the manifest `write_cohort` writes into a fresh
+    folder, known before rendering.
 
-    >>> planned_batches(subjects=2, batch_size=4)["b0002"]
+    >>> planned_manifest(subjects=2, batch_size=4).query("batch == 'b0002'").image_id.tolist()
     ['sub-phantom0001_acq-sag_chunk-BWS', 'sub-phantom0002_acq-sag_chunk-BWS']
     """
     import pandas as pd
@@ -476,8 +505,7 @@ def planned_batches(*, subjects: int, batch_size: int, first_index: int = 1) -> 
         [{"subject": f"phantom{i:04d}", "session": "", "region": region, "image_id": station_stem(i, region)}
          for i in range(first_index, first_index + subjects) for region in L.REGIONS]
     )  # fmt: skip
-    table = cohort.assign_batches(rows, batch_size=batch_size)
-    return {batch: list(ids) for batch, ids in table.groupby("batch")["image_id"]}
+    return cohort.assign_batches(rows, batch_size=batch_size)
 
 
 def write_cohort(
@@ -490,13 +518,16 @@ def write_cohort(
     anomaly: str = "none",
     batch_size: int = 10,
     snapshot: bool = False,
+    motion_mm: float = 0.0,
+    motion_deg: float = 0.0,
 ) -> Path:
     """Render a cohort as a NAKO-style BIDS tree with references and a manifest.
 
     Layout under `out`: ``rawdata/sub-*/anat/*_acq-sag_chunk-{HWS,BWS,LWS}_T2w.nii.gz``,
     ``derivatives/reference/...`` (``_mod-T2w_seg-spine_msk``, ``_seg-vert_msk``,
     ``_desc-bias_T2w``), ``cohort.tsv`` (written last), ``snapshots/*.png``.
-    An existing ``cohort.tsv`` keeps its batches (see `cohort.assign_batches`).
+    An existing ``cohort.tsv`` keeps its batches (see `cohort.assign_batches`). With `motion_mm` or
+    `motion_deg`, each station is moved by its own rigid `station_motion` (the patient moved between stations).
     Returns the manifest path.
     """
     from . import cohort, io, qc
@@ -507,8 +538,8 @@ def write_cohort(
         raise ValueError(f"first subject index must be non-negative, got {first_index}")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    if anomaly not in ("none", "l6", "t13", "random"):
-        raise ValueError(f"unknown anomaly {anomaly!r}; expected none, l6, t13 or random")
+    if anomaly not in (*ANOMALIES, "random"):
+        raise ValueError(f"unknown anomaly {anomaly!r}; expected one of {', '.join(ANOMALIES)} or random")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):
@@ -518,6 +549,10 @@ def write_cohort(
         subject = make_subject(seed, index, anomaly=anomaly)
         for region in L.REGIONS:
             ph = render_station(subject, region, PRESETS[preset], seed=seed, index=index)
+            if motion_mm or motion_deg:
+                rng = np.random.default_rng([seed, index, 10 + L.REGIONS.index(region)])
+                moved = station_motion(ph.image.shape, ph.affine, shift_mm=motion_mm, rotation_deg=motion_deg, rng=rng)
+                ph = dataclasses.replace(ph, affine=moved @ ph.affine)
             stem = station_stem(index, region)
             anat = Path(f"sub-phantom{index:04d}") / "anat"
             io.save_nifti(raw / anat / f"{stem}_T2w.nii.gz", ph.image, ph.affine, dtype=np.float32)

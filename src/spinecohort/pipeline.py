@@ -18,7 +18,7 @@ import logging
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import pandas as pd
@@ -29,6 +29,10 @@ from .labels import ENDPLATE_OFFSET, IVD_OFFSET, REGIONS, SEMANTIC_NAMES
 from .labels import VERTEBRA_NAMES as L_NAMES
 from .metrics import ASSD_DEFINITIONS
 from .semantic import Fold, parse_fold
+
+if TYPE_CHECKING:
+
+    from .subject_levels import SubjectLevels
 
 log = logging.getLogger("spinecohort")
 
@@ -80,14 +84,16 @@ def run_stage(
     work: Callable[[pd.Series], Outcome],
     *,
     upstream: list[Path] = (),  # type: ignore[assignment]
+    failed_before: dict[str, str] | None = None,
 ) -> pd.DataFrame:
     """Apply `work` to every row; record ok/failed/skipped per image in `out/ledger.tsv`.
 
     `work` may return a note (e.g. "no anchor visible"), kept as the message of an ok row,
-    or a dict of the message and fact columns (empty in rows that lack them).
+    or a dict of the message and fact columns (empty in rows that lack them). Images an `upstream` ledger
+    (or `failed_before`, image_id -> reason) does not have as ok are skipped with the reason.
     """
     out.mkdir(parents=True, exist_ok=True)
-    failed_before = upstream_failures(list(upstream))
+    failed_before = failed_before if failed_before is not None else upstream_failures(list(upstream))
     records: list[dict[str, str]] = []
     for _, row in rows.iterrows():
         record = {"image_id": row.image_id, "stage": stage}
@@ -243,12 +249,20 @@ def _level_names(instance: np.ndarray, counted: bool) -> dict[int, str]:
     return names
 
 
+def _publish(out: Path, row: pd.Series, derivatives: Path, command: str) -> None:
+    """Publish the image's results that stage `command` keeps in `out` into the BIDS tree (`io.publish`): the work
+    folder is what Snakemake knows, the Snakefile relinks what goes missing from the tree (rule publish_derivative)."""
+    for made in layout.DERIVATIVES:
+        if made.stage == command:
+            name = layout.derivative_name(row.image_id, made.seg, made.suffix)
+            io.publish(out / name, derivative_path(derivatives, row, made.seg, made.suffix))
+
+
 def _restore(*, manifest: Path, batch: str, out: Path, input: Path, instances: Path, derivatives: Path) -> None:
-    """Writes each image's results into `out` under their BIDS names and publishes them into `derivatives`
-    (`io.publish`): the work folder is what Snakemake knows, the Snakefile relinks what goes missing from the tree (rule publish_derivative, `spinecohort publish`)."""
+    """Writes each image's masks on its own grid into `out` under their BIDS names (the vertebra mask numbered by
+    its station alone) and publishes the semantic mask."""
     from .geometry import resample, spacing_of
     from .instances import claim_instances
-    from .qc import snapshot_png
 
     numbering = ledger_facts(instances, "numbering")
 
@@ -262,22 +276,119 @@ def _restore(*, manifest: Path, batch: str, out: Path, input: Path, instances: P
                                               spacing_of(affine), radius_mm=2 * max(spacing_of(vert_affine)))
         io.save_nifti(out / layout.derivative_name(row.image_id, "spine"), semantic, affine, dtype=np.uint8)
         io.save_nifti(out / layout.derivative_name(row.image_id, "vert"), instance, affine, dtype=np.uint16)
-        mode = numbering[row.image_id]
-        snapshot_png(out / layout.derivative_name(row.image_id, *layout.SNAPSHOT), image, instance, affine,
-                     title=f"{row.image_id} ({row.region}, {mode})", names=_level_names(instance, counted=mode == "count"))
-        for entity, suffix in layout.DERIVATIVES:
-            io.publish(out / layout.derivative_name(row.image_id, entity, suffix), derivative_path(derivatives, row, entity, suffix))
+        _publish(out, row, derivatives, "restore")
         note = f"{unclaimed} structure voxels no instance claims: removed from both masks" if unclaimed else ""
-        return {"message": note, "numbering": mode, "unclaimed_voxels": str(unclaimed)}
+        return {"message": note, "numbering": numbering[row.image_id], "unclaimed_voxels": str(unclaimed)}
 
     run_stage(layout.ledger_stage("restore"), batch_rows(manifest, batch), out, work, upstream=[input, instances])
 
 
-def _score(*, manifest: Path, batch: str, out: Path, input: Path, structures: dict[str, list[int]], assd: str) -> None:
+def group_rows(manifest: Path, group: str) -> pd.DataFrame:
+    """The manifest rows of a subject group (`cohort.subject_groups`): every station of its subjects."""
+    table = cohort.resolve_paths(cohort.read_manifest(manifest), manifest.parent)
+    members = cohort.subject_groups(table).get(group)
+    if not members:
+        raise cohort.ManifestError(f"{manifest}: no subject group {group!r}")
+    return table[table["image_id"].isin(members)]
+
+
+def _image_folders(folders: Sequence[Path]) -> dict[str, Path]:
+    """image_id -> the folder (of several stage folders) whose ledger holds it."""
+    return {image_id: folder for folder in folders for image_id in ledger_facts(folder, "image_id")}
+
+
+def _label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path], derivatives: Path) -> None:
+    """Subject-level ids (`subject_levels`) for the stations of a subject group: each station's vertebra mask with
+    those ids, its snapshot, and `layout.SUBJECT_LEVELS`; the masks restore numbered by station stay in its folder."""
+    from .qc import snapshot_png
+    from .subject_levels import label_subject, relabel, station_vertebrae
+
+    rows = group_rows(manifest, batch)
+    folder_of = _image_folders(restore)
+    own = {i: m for folder in restore for i, m in ledger_facts(folder, "numbering").items()}
+    failed = upstream_failures(restore)
+    for image_id in set(rows.image_id) - set(folder_of):
+        failed[image_id] = "restored by none of the given restore folders"
+    subjects: dict[tuple[str, str], SubjectLevels] = {}
+    unreadable: dict[str, Exception] = {}  # a station whose masks do not load fails alone
+    summary: list[dict[str, str]] = []
+
+    def vertebra_mask(image_id: str):
+        return io.load_mask(folder_of[image_id] / layout.derivative_name(image_id, "vert"))
+
+    def subject(subject: str, session: str) -> SubjectLevels:
+        """The subject's labelling, computed at its first station (over the stations that restore finished)."""
+        if (subject, session) not in subjects:
+            everyone = rows[(rows.subject == subject) & (rows.session == session)]
+            everyone = everyone.iloc[np.argsort([REGIONS.index(r) for r in everyone.region], kind="stable")]  # top to bottom
+            stations = []
+            for r in everyone[~everyone.image_id.isin(failed)].itertuples():
+                try:
+                    instance, affine = vertebra_mask(r.image_id)
+                    semantic = io.load_mask(folder_of[r.image_id] / layout.derivative_name(r.image_id, "spine"))[0]
+                except Exception as exc:
+                    unreadable[r.image_id] = exc
+                    continue
+                stations.append(station_vertebrae(instance, semantic, affine, image_id=r.image_id, region=r.region,
+                                                  mode=own[r.image_id]))
+            subjects[subject, session] = result = label_subject(stations)
+            summary.append(_subject_row(subject, session, everyone, result))
+        return subjects[subject, session]
+
+    def work(row: pd.Series) -> Outcome:
+        result = subject(row.subject, row.session)
+        if row.image_id in unreadable:
+            raise unreadable[row.image_id]
+        instance, affine = vertebra_mask(row.image_id)
+        if row.image_id in result.maps:
+            instance = relabel(instance, result.maps[row.image_id])
+        mode = result.modes[row.image_id]
+        io.save_nifti(out / layout.derivative_name(row.image_id, "vert"), instance, affine, dtype=np.uint16)
+        image, image_affine = io.load_image(row.image)
+        snapshot_png(out / layout.derivative_name(row.image_id, *layout.SNAPSHOT), image, instance, image_affine,
+                     title=f"{row.image_id} ({row.region}, {mode})", names=_level_names(instance, counted=mode == "count"))
+        _publish(out, row, derivatives, "label-levels")
+        return {"message": result.reasons[row.image_id], "numbering": mode, "station_numbering": own[row.image_id]}
+
+    run_stage(layout.ledger_stage("label-levels"), rows, out, work, upstream=restore, failed_before=failed)
+    for key in dict.fromkeys(zip(rows.subject, rows.session)):  # subjects with no station left get their row too
+        subject(*key)
+    io.write_tsv(out / layout.SUBJECT_LEVELS, pd.DataFrame(summary, columns=list(SUBJECT_LEVEL_COLUMNS)))
+
+
+# layout.SUBJECT_LEVELS: a row per subject.
+SUBJECT_LEVEL_COLUMNS: Final = ("subject", "session", "stations", "linked", "vertebrae", "thoracic", "lumbar", "levels", "note")
+
+
+def _subject_row(subject: str, session: str, stations: pd.DataFrame, result: SubjectLevels) -> dict[str, str]:
+    """A subject's row of `layout.SUBJECT_LEVELS`: its stations, links, the column's count and each station's levels."""
+    def levels(image_id: str) -> str:
+        if image_id not in result.levels:
+            return "failed"
+        ids = result.levels[image_id]
+        if result.modes[image_id] == "count":
+            return f"count of {len(ids)}"
+        return f"{L_NAMES[ids[0]]}-{L_NAMES[ids[-1]]}" if ids else "none"
+
+    def number(value: int | None) -> str:
+        return "" if value is None else str(value)
+
+    return {
+        "subject": subject, "session": session, "stations": " ".join(stations.region),
+        "linked": " ".join(k for k, v in result.links.items() if v.offset is not None),
+        "vertebrae": number(result.vertebrae), "thoracic": number(result.thoracic), "lumbar": number(result.lumbar),
+        "levels": "; ".join(f"{r.region} {levels(r.image_id)}" for r in stations.itertuples()),
+        "note": result.note,
+    }  # fmt: skip
+
+
+def _score(*, manifest: Path, batch: str, out: Path, input: Path, levels: list[Path], structures: dict[str, list[int]],
+           assd: str) -> None:
     from .summary import image_score_rows, instance_score_rows, level_score_rows, write_scores
 
     rows = batch_rows(manifest, batch)
-    numbering = ledger_facts(input, "numbering")
+    vertebrae = _image_folders(levels)
+    numbering = {i: m for folder in levels for i, m in ledger_facts(folder, "numbering").items()}
     with_reference = rows[(rows["reference_semantic"] != "") | (rows["reference_instance"] != "")]
     log.info("%d of %d images have a reference mask", len(with_reference), len(rows))
     parts = []
@@ -288,17 +399,17 @@ def _score(*, manifest: Path, batch: str, out: Path, input: Path, structures: di
             pred = input / layout.derivative_name(row.image_id, "spine")
             scored.append(image_score_rows(row, pred, Path(row.reference_semantic), structures, assd))
         if row.reference_instance:
-            pred = input / layout.derivative_name(row.image_id, "vert")
+            pred = vertebrae[row.image_id] / layout.derivative_name(row.image_id, "vert")
             scored.append(instance_score_rows(row, pred, Path(row.reference_instance), assd))
             scored.append(level_score_rows(row, pred, Path(row.reference_instance), numbering[row.image_id],
                                            Path(row.reference_semantic) if row.reference_semantic else None))
         parts.extend(scored)
 
-    run_stage(layout.ledger_stage("score"), with_reference, out, work, upstream=[input])
+    run_stage(layout.ledger_stage("score"), with_reference, out, work, upstream=[input, *levels])
     write_scores(out / layout.BATCH_SCORES, pd.concat(parts, ignore_index=True) if parts else pd.DataFrame())
 
 
-def _summarize(*, out: Path, structures: list[str], scores: list[Path], ledgers: list[Path], dataset: Path) -> None:
+def _summarize(*, out: Path, structures: list[str], scores: list[Path], levels: list[Path], ledgers: list[Path], dataset: Path) -> None:
     from . import summary
 
     out.mkdir(parents=True, exist_ok=True)
@@ -316,6 +427,9 @@ def _summarize(*, out: Path, structures: list[str], scores: list[Path], ledgers:
     summary.write_levels_table(summary.levels_table(rows), out)
     summary.box_plots(rows, out, structures)
     io.write_tsv(out / "failures.tsv", summary.failures(ledgers))
+    subjects = [pd.read_csv(folder / layout.SUBJECT_LEVELS, sep="\t", dtype=str, keep_default_na=False) for folder in levels]
+    io.write_tsv(out / layout.SUBJECT_LEVELS, pd.concat(subjects, ignore_index=True) if subjects
+                 else pd.DataFrame(columns=list(SUBJECT_LEVEL_COLUMNS)))
     log.info("summarised %d score rows of %d images", len(rows), rows["image_id"].nunique())
 
 
@@ -354,12 +468,17 @@ STAGE_COMMANDS: dict[str, tuple[Callable[..., None], str, tuple[tuple[tuple[str,
         _option("--input", type=Path, required=True, help="the batch's semantic folder"),
         _option("--instances", type=Path, required=True, help="the batch's instance folder"),
         _option("--derivatives", type=Path, required=True, help="BIDS derivatives root"))),
+    "label-levels": (_label_levels, "subject-level vertebra ids across a subject group's stations, snapshots", (
+        _option("--restore", type=Path, nargs="+", required=True, help="the restore folders of every batch holding the group's stations"),
+        _option("--derivatives", type=Path, required=True, help="BIDS derivatives root"))),
     "score": (_score, "DSC and ASSD per structure against the manifest's reference masks", (
-        _option("--input", type=Path, required=True, help="the batch's restore folder (its masks and ledger)"),
+        _option("--input", type=Path, required=True, help="the batch's restore folder (its semantic masks)"),
+        _option("--levels", type=Path, nargs="+", required=True, help="the label-levels folders holding the batch's vertebra masks"),
         _option("--structures", type=json.loads, required=True, help='JSON: {"name": [label ids], ...}'),
         _option("--assd", choices=ASSD_DEFINITIONS, default="mean_of_means", help="ASSD definition"))),
     "summarize": (_summarize, "cohort-wide: partitioned scores, by-region summary, Table S1, levels, plots, failures", (
         _option("--scores", type=Path, nargs="*", default=[], help="per-batch score folders"),
+        _option("--levels", type=Path, nargs="*", default=[], help="per-group label-levels folders"),
         _option("--ledgers", type=Path, nargs="*", default=[], help=f"{layout.LEDGER} files of every stage"),
         _option("--structures", type=json.loads, required=True, help="JSON list: Table S1 row order"),
         _option("--dataset", type=Path, required=True, help="partitioned score dataset folder"),

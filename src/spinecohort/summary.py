@@ -169,7 +169,7 @@ def levels_table(scores: pd.DataFrame) -> pd.DataFrame:
 def write_levels_table(table: pd.DataFrame, folder: Path) -> dict[str, Path]:
     """The levels table as Markdown and CSV (atomic writes)."""
     caption = ("Vertebra levels: identification rate (VerSe, 20 mm) and localisation distance, mean ± SD over the "
-               "images numbered from an anchor (C2, sacrum); counted images make no claim of levels")
+               "images with levels (numbered across the subject's stations from C2, or from a station's own C2 or sacrum); counted images make no claim of levels")
     paths = {"md": folder / "levels.md", "csv": folder / "levels.csv"}
     texts = {"md": f"{caption}\n\n{table.to_markdown(index=False)}\n", "csv": table.to_csv(index=False)}
     return _write_texts(paths, texts)

@@ -63,21 +63,29 @@ def _read_manifest(path):
 
 
 @functools.cache
-def _batch_members():
-    """Batch -> comma-separated image ids.
+def _manifest_table():
+    """The manifest: read, or for the demo planned (its manifest does not exist yet).
 
-    The demo's batches are planned, not read: its manifest does not exist yet. (No
-    checkpoint: Snakemake checks only the jobs known before a checkpoint for outputs a
+    (No checkpoint: Snakemake checks only the jobs known before a checkpoint for outputs a
     killed run left incomplete, so batch jobs after one would never be redone.)
     """
     if config["demo"]["enabled"]:
-        demo = config["demo"]
-        planned = phantom.planned_batches(
-            subjects=demo["subjects"], batch_size=config["batch_size"]
+        return phantom.planned_manifest(
+            subjects=config["demo"]["subjects"], batch_size=config["batch_size"]
         )
-        return {batch: ",".join(ids) for batch, ids in planned.items()}
-    table = _read_manifest(MANIFEST)
-    return table.groupby("batch")["image_id"].agg(",".join).to_dict()
+    return _read_manifest(MANIFEST)
+
+
+@functools.cache
+def _batch_members():
+    """Batch -> comma-separated image ids."""
+    return _manifest_table().groupby("batch")["image_id"].agg(",".join).to_dict()
+
+
+@functools.cache
+def _subject_groups():
+    """Subject group (named after a batch) -> its subjects' image ids, from every batch."""
+    return cohort.subject_groups(_manifest_table())
 
 
 def get_batches():
@@ -113,52 +121,31 @@ def get_fold_checkpoint(wildcards):
     )
 
 
+def get_groups():
+    return sorted(_subject_groups())
+
+
+def get_group_members(wildcards):
+    """A subject group's image ids: a param, so that the group reruns when its membership changes."""
+    return ",".join(_subject_groups()[wildcards.batch])
+
+
 def get_final_output(wildcards):
     return [
         SUMMARY / "table_s1.md",
         SUMMARY / "levels.md",
         SUMMARY / "by_region.parquet",
+        SUMMARY / layout.SUBJECT_LEVELS,
         *get_missing_derivatives(),
     ]
 
 
 def get_ledger_folders(wildcards):
-    """Every batch's folders that keep a ledger (summarize's failures table reads them all)."""
-    return [str(WORK / b / f) for b in get_batches() for f in layout.LEDGER_FOLDERS]
-
-
-@functools.cache
-def _published_places():
-    """batch -> [(image id, its BIDS subject folder)] of the manifest."""
-    table = _read_manifest(MANIFEST)
-    places = {}
-    for r in table.itertuples():
-        places.setdefault(r.batch, []).append(
-            (r.image_id, layout.subject_folder(r.subject, r.session))
-        )
-    return places
-
-
-def get_missing_derivatives():
-    """Published derivatives that are gone while the restore folder that made them holds them.
-
-    Declaring every derivative as an output costs the 90,000-image dry-run minutes
-    (benchmarks/README.md), so restore's output is its folder and the BIDS tree its published
-    view: what is missing from the view becomes a target of `publish_derivative`. A batch
-    restore has not run costs one stat; a finished cohort one listing and a stat per file.
-    """
-    missing = []
-    for batch in get_batches():
-        made = WORK / batch / layout.folder("restore")
-        if not made.is_dir():
-            continue
-        names = set(os.listdir(made))
-        for image_id, folder in _published_places()[batch]:
-            for seg, suffix in layout.DERIVATIVES:
-                name = layout.derivative_name(image_id, seg, suffix)
-                if name in names and not (DERIVATIVES / folder / name).exists():
-                    missing.append(str(DERIVATIVES / folder / name))
-    return missing
+    """Every batch's and subject group's folders that keep a ledger (summarize's failures table reads them all)."""
+    return [
+        *(str(WORK / b / f) for b in get_batches() for f in layout.LEDGER_FOLDERS),
+        *(str(WORK / g / f) for g in get_groups() for f in layout.GROUP_LEDGER_FOLDERS),
+    ]
 
 
 @functools.cache
@@ -166,9 +153,75 @@ def _batch_of():
     return {i: b for b, ids in _batch_members().items() for i in ids.split(",")}
 
 
-def get_restore_folder_of(wildcards):
-    """The restore folder of the batch that holds an image."""
-    return str(WORK / _batch_of()[wildcards.image_id] / layout.folder("restore"))
+@functools.cache
+def _group_of():
+    return {i: g for g, ids in _subject_groups().items() for i in ids}
+
+
+def _unit_of(command, image_id):
+    """The batch, or for a per-subject stage the subject group, whose run of stage `command` holds an image."""
+    return (_group_of() if layout.stage(command).per_subject else _batch_of())[image_id]
+
+
+def get_group_restore_folders(wildcards):
+    """The restore folders of every batch that holds a station of the group's subjects."""
+    batches = sorted({_batch_of()[i] for i in _subject_groups()[wildcards.batch]})
+    return [str(WORK / b / layout.folder("restore")) for b in batches]
+
+
+def get_batch_levels_folders(wildcards):
+    """The label-levels folders of the subject groups of a batch's images (score reads its vertebra masks there)."""
+    members = _batch_members()[wildcards.batch].split(",")
+    groups = sorted({_group_of()[i] for i in members})
+    return [str(WORK / g / layout.folder("label-levels")) for g in groups]
+
+
+@functools.cache
+def _subject_folder_of():
+    """image id -> its BIDS subject folder, from the manifest."""
+    table = _read_manifest(MANIFEST)
+    return {
+        r.image_id: layout.subject_folder(r.subject, r.session)
+        for r in table.itertuples()
+    }
+
+
+def get_missing_derivatives():
+    """Published derivatives that are gone while the work folder that made them holds them.
+
+    Declaring every derivative as an output costs the 90,000-image dry-run minutes
+    (benchmarks/README.md), so a stage's output is its folder and the BIDS tree its published
+    view: what is missing from the view becomes a target of `publish_derivative`. A folder
+    not made yet costs one stat; a finished cohort one listing and a stat per file.
+    """
+    missing = []
+    for command in dict.fromkeys(made.stage for made in layout.DERIVATIVES):
+        kinds = [made for made in layout.DERIVATIVES if made.stage == command]
+        units = _subject_groups() if layout.stage(command).per_subject else None
+        for unit in get_groups() if units else get_batches():
+            folder = WORK / unit / layout.folder(command)
+            if not folder.is_dir():
+                continue
+            names = set(os.listdir(folder))
+            members = units[unit] if units else _batch_members()[unit].split(",")
+            for image_id in members:
+                for made in kinds:
+                    name = layout.derivative_name(image_id, made.seg, made.suffix)
+                    published = DERIVATIVES / _subject_folder_of()[image_id] / name
+                    if name in names and not published.exists():
+                        missing.append(str(published))
+    return missing
+
+
+def get_maker_folder_of(wildcards):
+    """The work folder that holds a derivative: its stage's run for the image's batch or subject group."""
+    made = next(
+        m
+        for m in layout.DERIVATIVES
+        if (m.seg, m.suffix) == (wildcards.seg, wildcards.suffix)
+    )
+    unit = _unit_of(made.stage, wildcards.image_id)
+    return str(WORK / unit / layout.folder(made.stage))
 
 
 def batch_minutes(per_image):

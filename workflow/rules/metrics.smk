@@ -5,6 +5,7 @@ rule score:
     input:
         manifest=ancient(MANIFEST),
         restore=stage_dir("restore"),
+        levels=get_batch_levels_folders,
     output:
         directory(stage_dir("score")),
     log:
@@ -23,13 +24,14 @@ rule score:
         assd=config["metrics"]["assd"],
     shell:
         "spinecohort score --manifest {input.manifest} --batch {wildcards.batch}"
-        " --input {input.restore}"
+        " --input {input.restore} --levels {input.levels}"
         " --structures {params.structures} --assd {params.assd} --out {output} &> {log}"
 
 
 rule summarize:
     input:
         scores=expand(stage_dir("score"), batch=get_batches()),
+        levels=expand(stage_dir("label-levels"), batch=get_groups()),
         ledgers=get_ledger_folders,
     output:
         dataset=directory(RESULTS / "scores"),
@@ -47,6 +49,11 @@ rule summarize:
             category="Summary",
         ),
         levels_csv=SUMMARY / "levels.csv",
+        subject_levels=report(
+            SUMMARY / layout.SUBJECT_LEVELS,
+            caption="../report/subject_levels.rst",
+            category="Summary",
+        ),
         plots=report(
             expand(SUMMARY / "boxplot_{metric}.png", metric=["dsc", "assd"]),
             caption="../report/boxplots.rst",
@@ -74,5 +81,5 @@ rule summarize:
         structures=shlex.quote(json.dumps(list(config["metrics"]["structures"]))),
         folder=SUMMARY,
     shell:
-        "spinecohort summarize --scores {input.scores} --ledgers {params.ledgers}"
+        "spinecohort summarize --scores {input.scores} --levels {input.levels} --ledgers {params.ledgers}"
         " --structures {params.structures} --dataset {output.dataset} --out {params.folder} &> {log}"

@@ -55,13 +55,7 @@ rule restore:
         semantic=stage_dir("average-folds"),
         instances=stage_dir("assemble-instances"),
     output:
-        report(
-            directory(stage_dir("restore")),
-            patterns=[layout.SNAPSHOT_PATTERN],
-            caption="../report/snapshots.rst",
-            category="QC snapshots",
-            subcategory="{batch}",
-        ),
+        directory(stage_dir("restore")),
     log:
         LOGS / "restore" / "{batch}.log",
     benchmark:
@@ -78,21 +72,3 @@ rule restore:
         "spinecohort restore --manifest {input.manifest} --batch {wildcards.batch}"
         " --input {input.semantic} --instances {input.instances}"
         " --derivatives {params.derivatives} --out {output} &> {log}"
-
-
-rule publish_derivative:
-    """Relinks a derivative deleted from the BIDS tree (restore's folder keeps every result)."""
-    input:
-        restore=get_restore_folder_of,
-    output:
-        DERIVATIVES / "{subject_folder}" / layout.DERIVATIVE_NAME,
-    log:
-        LOGS
-        / "publish_derivative"
-        / "{subject_folder}"
-        / "{image_id}_{seg}_{suffix}.log",
-    localrule: True
-    conda:
-        "../../envs/spinecohort.yaml"
-    shell:
-        "spinecohort publish {input.restore} {output} &> {log}"

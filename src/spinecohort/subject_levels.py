@@ -1,0 +1,230 @@
+"""One numbering for a subject's stations: anatomical levels for the thoracic spine, transitional vertebrae.
+
+A NAKO subject's three stations (cervical, thoracic, lumbar) are acquired in one session, in one
+scanner frame, and overlap. Each station arrives numbered on its own (`instances.number_instances`:
+from C2, from the sacrum, or a count). Here, per subject:
+
+1. `station_vertebrae`: each station's vertebrae, top first, with their body centroids in world mm.
+2. `link`: neighbouring stations share vertebrae. For every way of pairing them (an offset in the
+   lists) the pairs' mean displacement is the patient's motion that pairing implies; the pairing
+   that implies the least motion wins, if it is consistent (every pair near that displacement)
+   and clearly less than the next (else the link is refused as ambiguous, never guessed). A
+   one-level slip implies a motion of one vertebra's height (17-40 mm), so the choice is safe while
+   the patient moved less than about half of that between two stations.
+3. `label_subject`: ids along the column from C2 (position 0) for every station the links reach
+   from an anchored cervical station. A link to an anchored lumbar station also counts the column
+   from C2 to the sacrum: 23 is the common column (C2-C7, T1-T12, L1-L5), and every station gets
+   its levels. 24 (T13 or L6) or 22 (T11 or L4) holds a transitional vertebra that the masks do not
+   name (no rib is segmented): levels are claimed down to the last one it cannot move (T12 or T11),
+   and the lumbar station, whose levels from the sacrum would be one off, is counted. Counting up
+   from the sacrum alone would shift every level above a transitional vertebra: not done. Whatever
+   is not claimed keeps or falls back to a count, with the reason. IVD 100+X and endplate 200+X
+   follow their vertebra X.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+
+from . import labels as L
+
+__all__ = ["Link", "Station", "SubjectLevels", "label_subject", "link", "relabel", "station_vertebrae"]
+
+# Links: at least this many shared vertebrae; every pair within CONSISTENT_MM of the pairing's mean
+# displacement; the winner's implied motion under MAX_MOTION_MM and MARGIN_MM below the runner-up's.
+MIN_SHARED: Final = 1
+CONSISTENT_MM: Final = 8.0
+MAX_MOTION_MM: Final = 15.0
+MARGIN_MM: Final = 6.0
+# Vertebrae from C2 to the last one above the sacrum: the common column, and one with a transitional vertebra.
+COMMON_COLUMN: Final = len(L.level_sequence(first="C2")) - 1
+ORDER: Final[dict[str, int]] = {region: k for k, region in enumerate(L.REGIONS)}  # top to bottom
+
+
+@dataclass(frozen=True)
+class Station:
+    """A station's vertebrae as numbering needs them; every array runs top first."""
+
+    image_id: str
+    region: str
+    mode: str  # its own numbering: "C2", "sacrum" or "count"
+    ids: tuple[int, ...]  # its vertebra ids (the sacrum aside)
+    centres: NDArray[np.float64]  # (n, 3) body centroid, world mm
+    whole: NDArray[np.bool_]  # (n,) the body does not touch the in-plane border: its centroid is sound
+    before_top: int  # the id its IVD/endplate above the top vertebra carry (100+/200+ that)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def station_vertebrae(instance: NDArray[np.integer], semantic: NDArray[np.integer], affine: NDArray[np.float64], *,
+                      image_id: str, region: str, mode: str) -> Station:
+    """The station's vertebrae from its restored instance and semantic masks (one grid), numbered in `mode`
+    (`instances.number_instances`: ids ascend from the top, a count from 2)."""
+    ids = [int(k) for k in np.unique(instance[L.vertebra_ids(instance)])]
+    column = L.level_sequence()
+    before_top = 1 if not ids else ids[0] - 1 if mode == "count" else column[max(column.index(ids[0]) - 1, 0)]
+    slice_axis = int(np.argmax(np.linalg.norm(affine[:3, :3], axis=0)))
+
+    def inside(box: tuple[slice, ...] | None) -> bool:  # clear of the in-plane border
+        return box is not None and all(box[a].start > 0 and box[a].stop < instance.shape[a] for a in range(3) if a != slice_axis)
+
+    boxes = ndimage.find_objects(np.where(semantic == L.CORPUS, instance, 0).astype(np.int32), max_label=max(ids, default=0))
+    centres, whole = [], []
+    for k in ids:
+        body = (instance == k) & (semantic == L.CORPUS)
+        voxels = np.argwhere(body if body.any() else instance == k)
+        centres.append(affine[:3, :3] @ voxels.mean(axis=0) + affine[:3, 3])
+        whole.append(inside(boxes[k - 1]))
+    return Station(image_id, region, mode, tuple(ids), np.array(centres, float).reshape(-1, 3), np.array(whole, bool), before_top)
+
+
+@dataclass(frozen=True)
+class Link:
+    """How a lower station's vertebrae continue an upper one's: lower[j] is upper[j + offset]."""
+
+    offset: int | None  # None: no link (see reason)
+    motion_mm: float = float("nan")  # the displacement of the lower station against the upper one (norm)
+    shared: int = 0
+    reason: str = ""
+
+
+def link(upper: Station, lower: Station) -> Link:
+    """The pairing of two stations' vertebrae that implies the least patient motion (see module doc)."""
+    candidates = []
+    for offset in range(1 - len(lower), len(upper)):
+        j = np.arange(len(lower))
+        j = j[(j + offset >= 0) & (j + offset < len(upper))]
+        if len(j) < MIN_SHARED:
+            continue
+        sound = upper.whole[j + offset] & lower.whole[j]
+        use = j[sound] if sound.sum() >= MIN_SHARED else j
+        d = lower.centres[use] - upper.centres[use + offset]
+        shift = d.mean(axis=0)
+        if np.linalg.norm(d - shift, axis=1).max() <= CONSISTENT_MM:
+            candidates.append((float(np.linalg.norm(shift)), offset, len(j)))
+    name = f"{upper.region} and {lower.region}"
+    if not candidates:
+        return Link(None, reason=f"{name} share no {MIN_SHARED} vertebrae at one displacement")
+    candidates.sort()
+    motion, offset, shared = candidates[0]
+    if motion > MAX_MOTION_MM:
+        return Link(None, reason=f"{name}: the best pairing implies {motion:.0f} mm of motion (over {MAX_MOTION_MM:.0f})")
+    if len(candidates) > 1 and candidates[1][0] - motion < MARGIN_MM:
+        return Link(None, reason=f"{name}: ambiguous, pairings imply {motion:.0f} and {candidates[1][0]:.0f} mm of motion")
+    return Link(offset, motion, shared)
+
+
+@dataclass
+class SubjectLevels:
+    """The result for one subject: per station the id map (station id -> subject id) and how it was numbered."""
+
+    maps: dict[str, dict[int, int]] = field(default_factory=dict)  # image_id -> {station id: new id}; absent: unchanged
+    modes: dict[str, str] = field(default_factory=dict)  # image_id -> "subject", or its own mode
+    reasons: dict[str, str] = field(default_factory=dict)  # image_id -> why it kept its own numbering ('' when not)
+    levels: dict[str, list[int]] = field(default_factory=dict)  # image_id -> its vertebra ids as finally numbered, top first
+    links: dict[str, Link] = field(default_factory=dict)  # "cervical-thoracic" -> Link
+    vertebrae: int | None = None  # C2 to the last presacral vertebra, when both anchors chain
+    thoracic: int | None = None
+    lumbar: int | None = None
+    note: str = ""
+
+
+def label_subject(stations: Sequence[Station]) -> SubjectLevels:
+    """Subject-level ids for a subject's stations (one session); see the module doc."""
+    out = SubjectLevels(modes={s.image_id: s.mode for s in stations}, reasons={s.image_id: "" for s in stations})
+    chain = sorted(stations, key=lambda s: ORDER[s.region])
+    out.levels = {s.image_id: list(s.ids) for s in chain}
+    if len({s.region for s in chain}) != len(chain):
+        out.note = "two stations of one region: not linked"
+        return out
+    if len(chain) < 2:
+        return out
+    # Linked stations form components; per component, each station's first vertebra's position
+    # relative to the component's first station's first vertebra.
+    components: list[dict[str, int]] = [{chain[0].image_id: 0}]
+    for upper, lower in zip(chain, chain[1:]):
+        missing = L.REGIONS[ORDER[upper.region] + 1 : ORDER[lower.region]]
+        found = Link(None, reason=f"no {missing[0]} station") if missing else link(upper, lower)
+        out.links[f"{upper.region}-{lower.region}"] = found
+        if found.offset is None:
+            components.append({lower.image_id: 0})
+        else:
+            components[-1][lower.image_id] = components[-1][upper.image_id] + found.offset
+    by_id = {s.image_id: s for s in chain}
+    try:
+        _number_components(out, components, by_id)
+    finally:
+        out.levels = {s.image_id: [out.maps.get(s.image_id, {}).get(k, k) for k in s.ids] for s in chain}
+    return out
+
+
+def _number_components(out: SubjectLevels, components: list[dict[str, int]], by_id: dict[str, Station]) -> None:
+    for comp in components:
+        members = [by_id[i] for i in comp]
+        top = next((s for s in members if s.mode == "C2"), None)
+        bottom = next((s for s in members if s.mode == "sacrum"), None)
+        if top is None:
+            for s in members:
+                if s.mode == "count":
+                    unlinked = _unlinked_reason(s, out.links)
+                    out.reasons[s.image_id] = (unlinked if len(members) == 1 else
+                                               f"only the sacrum links to it, and a transitional vertebra would shift every level above ({unlinked})"
+                                               if bottom else f"no anchored station links to it ({unlinked})")
+            continue
+        _number_from_c2(out, members, comp, top, bottom)
+
+
+def _number_from_c2(out: SubjectLevels, members: list[Station], comp: dict[str, int], top: Station, bottom: Station | None) -> None:
+    """Ids along the common column from C2 for the linked stations, as far as the column's count allows."""
+    first = -comp[top.image_id]  # C2 is position 0
+    sequence = L.level_sequence(first="C2")[:-1]  # C2 ... L5
+    last_sure = len(sequence) - 1
+    if bottom is None:
+        out.note = "counted down from C2 (no link to the sacrum): a transitional vertebra below T12 would not show"
+    else:
+        out.vertebrae = first + comp[bottom.image_id] + len(bottom)
+        if out.vertebrae == COMMON_COLUMN:
+            out.thoracic, out.lumbar = 12, 5
+        else:
+            one_off = abs(out.vertebrae - COMMON_COLUMN) == 1
+            # Levels down to the last one no single transitional vertebra moves: T11 (T11 or L4), T12 (T13 or L6).
+            last_sure = (sequence.index(L.VERTEBRA_IDS["T12"]) - (out.vertebrae < COMMON_COLUMN)) if one_off else -1
+            kind = ("T13 or L6" if out.vertebrae > COMMON_COLUMN else "T11 or L4") if one_off else "more than one vertebra off"
+            out.note = (f"{out.vertebrae} vertebrae from C2 to the sacrum, the common column has {COMMON_COLUMN}: {kind}"
+                        + ("; not named, levels below it are not claimed" if one_off else ": a link or an anchor is wrong"))
+    for s in members:
+        start = first + comp[s.image_id]
+        if s is top or (s is bottom and out.vertebrae is not None and last_sure < 0):
+            continue  # keeps its own anchor
+        if s is bottom and last_sure < len(sequence) - 1:  # the sacrum's levels assume the common column
+            out.maps[s.image_id] = dict(zip((s.before_top, *s.ids), range(1, len(s) + 2)))
+            out.modes[s.image_id], out.reasons[s.image_id] = "count", out.note
+            continue
+        if start < 0 or start + len(s) - 1 > last_sure:
+            out.reasons[s.image_id] = out.note or "its linked vertebrae fall outside C2 … L5"
+            continue
+        out.maps[s.image_id] = dict(zip((s.before_top, *s.ids), (sequence[p] if p >= 0 else L.VERTEBRA_IDS["C1"] for p in range(start - 1, start + len(s)))))
+        out.modes[s.image_id] = "subject"
+
+
+def _unlinked_reason(station: Station, links: dict[str, Link]) -> str:
+    return "; ".join(f"{k}: {v.reason}" for k, v in links.items() if station.region in k.split("-") and v.offset is None)
+
+
+def relabel(instance: NDArray[np.integer], mapping: dict[int, int]) -> NDArray[np.uint16]:
+    """The instance mask with vertebra X -> mapping[X], IVD 100+X -> 100+mapping[X], endplate 200+X -> 200+mapping[X]."""
+    lut = np.arange(max(int(instance.max()) + 1, L.ENDPLATE_OFFSET + L.IVD_OFFSET), dtype=np.uint16)
+    for old, new in mapping.items():
+        for offset in (0, L.IVD_OFFSET, L.ENDPLATE_OFFSET):
+            lut[offset + old] = offset + new
+    out = lut[instance]
+    if unknown := L.unknown_ids(out, L.INSTANCE_MASK_IDS):  # a bug, never the image's fault
+        raise AssertionError(f"instance ids outside the SPINEPS scheme: {unknown}")
+    return out

@@ -1,0 +1,164 @@
+"""Subject-level levels across a subject's stations, against the phantoms' truth.
+
+Each phantom station's reference instance mask is numbered the way the instance phase numbers a
+station (from C2, from the sacrum, or a count from 2: `instances.vertebra_levels`), moved by its own
+rigid patient motion (`phantom.station_motion`), and handed to `subject_levels`; every id it claims
+is compared with the reference's own level. The demo test in test_levels.py runs the same on the
+shipped models' output.
+"""
+
+import numpy as np
+import pytest
+
+from spinecohort import instances
+from spinecohort import labels as L
+from spinecohort import subject_levels as SL
+from spinecohort.phantom import PRESETS, make_subject, render_station, station_motion, write_cohort
+
+LAST_SURE = {"T13 or L6": "T12", "T11 or L4": "T11"}  # the last level a transitional vertebra cannot move
+OWN_NUMBERING = {"cervical": "C2", "thoracic": "count", "lumbar": "sacrum"}
+
+
+def as_station(ph, region, affine, mode=None):
+    """(Station, truth: station id -> true level) of a phantom station numbered by the station alone."""
+    mode = mode or OWN_NUMBERING[region]
+    ref = ph.instance
+    ids = [int(k) for k in np.unique(ref[L.vertebra_ids(ref)]) if ((ref == k) & (ph.semantic == L.CORPUS)).sum() >= 10]
+    ids.sort(key=lambda k: -np.argwhere(ref == k)[:, 1].mean())  # top first: S grows with axis 1
+    station_ids, _ = instances.vertebra_levels(len(ids), mode)
+    lut = np.zeros(L.ENDPLATE_OFFSET + L.IVD_OFFSET, np.uint16)
+    lut[L.SACRUM] = L.SACRUM
+    for true, new in zip(ids, station_ids):
+        lut[true], lut[L.IVD_OFFSET + true], lut[L.ENDPLATE_OFFSET + true] = new, L.IVD_OFFSET + new, L.ENDPLATE_OFFSET + new
+    station = SL.station_vertebrae(lut[ref], ph.semantic, affine, image_id=region, region=region, mode=mode)
+    return station, dict(zip(station_ids, ids))
+
+
+def subject_stations(index, *, anomaly="none", shift_mm=0.0, rotation_deg=0.0, regions=("cervical", "thoracic", "lumbar")):
+    subject = make_subject(0, index, anomaly=anomaly)
+    stations, truth = [], {}
+    for region in regions:
+        ph = render_station(subject, region, PRESETS["small"], seed=0, index=index)
+        rng = np.random.default_rng([0, index, 10 + L.REGIONS.index(region)])
+        motion = station_motion(ph.image.shape, ph.affine, shift_mm=shift_mm, rotation_deg=rotation_deg, rng=rng)
+        station, truth[region] = as_station(ph, region, motion @ ph.affine)
+        stations.append(station)
+    return stations, truth
+
+
+def claimed(result, stations, truth):
+    """(right, wrong) claimed vertebra ids per region: those of stations numbered other than by a count."""
+    right, wrong = {}, {}
+    for s in stations:
+        if result.modes[s.image_id] == "count":
+            continue
+        ids = {k: result.maps[s.image_id][k] if s.image_id in result.maps else k for k in s.ids}
+        right[s.region] = sum(ids[k] == truth[s.region][k] for k in s.ids)
+        wrong[s.region] = [(L.VERTEBRA_NAMES[truth[s.region][k]], L.VERTEBRA_NAMES.get(ids[k])) for k in s.ids
+                           if ids[k] != truth[s.region][k]]
+    return right, wrong
+
+
+@pytest.mark.parametrize(("shift_mm", "rotation_deg", "chains", "thoracic_levels"), [(5.0, 2.0, 19, 20), (10.0, 3.0, 14, 15)])
+def test_thoracic_stations_get_their_levels_from_the_chain_and_no_id_is_wrong(shift_mm, rotation_deg, chains, thoracic_levels):
+    """20 subjects, each station moved on its own. Where all three stations chain, the thoracic station has
+    exactly its levels; a link refused for too much or ambiguous motion leaves it counted; nothing is mislabelled."""
+    chained = thoracic_right = thoracic_total = with_levels = 0
+    for index in range(1, 21):
+        stations, truth = subject_stations(index, shift_mm=shift_mm, rotation_deg=rotation_deg)
+        result = SL.label_subject(stations)
+        right, wrong = claimed(result, stations, truth)
+        assert not any(wrong.values()), (index, wrong, result.links)
+        with_levels += result.modes["thoracic"] == "subject"
+        if all(link.offset is not None for link in result.links.values()):
+            chained += 1
+            assert result.vertebrae == 23 and (result.thoracic, result.lumbar) == (12, 5)
+            assert result.modes == {"cervical": "C2", "thoracic": "subject", "lumbar": "subject"}
+            thoracic_right += right["thoracic"]
+            thoracic_total += len(stations[1])
+        elif result.modes["thoracic"] == "count":
+            assert "motion" in result.reasons["thoracic"] or "share no" in result.reasons["thoracic"], result.reasons
+    # The README states these counts.
+    assert (chained, with_levels) == (chains, thoracic_levels) and thoracic_right == thoracic_total >= 10 * chained
+
+
+@pytest.mark.parametrize(("anomaly", "count", "kind"), [("t13", 24, "T13 or L6"), ("l6", 24, "T13 or L6"), ("t11", 22, "T11 or L4")])
+def test_a_transitional_vertebra_is_counted_and_no_level_it_could_move_is_claimed(anomaly, count, kind):
+    detected = 0
+    for index in range(1, 9):  # some L6 columns leave no vertebra in both thoracic and lumbar views: no link
+        stations, truth = subject_stations(index, anomaly=anomaly)
+        result = SL.label_subject(stations)
+        right, wrong = claimed(result, stations, truth)
+        if result.vertebrae is None:  # not chained: only a lumbar station's own count from the sacrum (five lumbar) errs
+            assert not wrong["cervical"] and not wrong.get("thoracic") and (not wrong["lumbar"] or result.modes["lumbar"] == "sacrum")
+            continue
+        assert not any(wrong.values()), (index, wrong)
+        detected += 1
+        assert result.vertebrae == count and kind in result.note and result.thoracic is None
+        assert result.modes["lumbar"] == "count" and kind in result.reasons["lumbar"]
+        assert result.modes["cervical"] == "C2" and right["cervical"] == len(stations[0])
+        if result.modes["thoracic"] == "subject":  # its levels end above what the transitional vertebra could move
+            column = L.level_sequence()
+            assert set(result.maps["thoracic"].values()) <= set(column[: column.index(L.VERTEBRA_IDS[LAST_SURE[kind]]) + 1])
+    assert detected >= 4
+
+
+def test_a_subject_without_a_thoracic_station_keeps_its_anchors_and_says_why():
+    stations, truth = subject_stations(1, regions=("cervical", "lumbar"))
+    result = SL.label_subject(stations)
+    assert result.links["cervical-lumbar"].offset is None and result.links["cervical-lumbar"].reason == "no thoracic station"
+    assert result.modes == {"cervical": "C2", "lumbar": "sacrum"} and not result.maps
+    right, wrong = claimed(result, stations, truth)
+    assert not any(wrong.values()) and right == {"cervical": len(stations[0]), "lumbar": len(stations[1])}
+
+
+def test_a_thoracic_station_linked_only_to_the_sacrum_stays_counted():
+    """Counting up from the sacrum would shift every level above a transitional vertebra."""
+    subject = make_subject(0, 2)
+    stations, truth = [], {}
+    for region, mode in (("cervical", "count"), ("thoracic", "count"), ("lumbar", "sacrum")):
+        ph = render_station(subject, region, PRESETS["small"], seed=0, index=2)
+        station, truth[region] = as_station(ph, region, ph.affine, mode)
+        stations.append(station)
+    result = SL.label_subject(stations)
+    assert all(link.offset is not None for link in result.links.values())
+    assert result.modes == {"cervical": "count", "thoracic": "count", "lumbar": "sacrum"}
+    assert result.reasons["thoracic"].startswith("only the sacrum links to it")
+
+
+def test_one_level_of_motion_is_refused_not_taken_for_a_shifted_pairing():
+    """A thoracic station displaced by about one vertebra's height against the cervical one is ambiguous."""
+    stations, _ = subject_stations(3)
+    cervical, thoracic = stations[0], stations[1]
+    shared = SL.link(cervical, thoracic)
+    assert shared.offset is not None and shared.motion_mm < 1.0
+    step = thoracic.centres[1] - thoracic.centres[0]  # one level along the column
+    for fraction in (0.5, 0.45):
+        moved = SL.Station(thoracic.image_id, thoracic.region, thoracic.mode, thoracic.ids,
+                           thoracic.centres - fraction * step, thoracic.whole, thoracic.before_top)
+        found = SL.link(cervical, moved)
+        assert found.offset is None and found.reason.startswith("cervical and thoracic: ambiguous"), found
+
+
+def test_relabel_moves_every_vertebra_ivd_and_endplate_id_and_keeps_the_sacrum():
+    mask = np.array([2, 3, 102, 203, 101, 26, 0, 124], np.uint16).reshape(2, 2, 2)
+    out = SL.relabel(mask, {1: 7, 2: 8, 3: 9, 24: 24})
+    assert out.ravel().tolist() == [8, 9, 108, 209, 107, 26, 0, 124]
+
+
+def test_phantom_motion_moves_the_station_rigidly_and_keeps_its_voxels(tmp_path):
+    import nibabel as nib
+
+    still = write_cohort(tmp_path / "still", subjects=1, seed=0)
+    moved = write_cohort(tmp_path / "moved", subjects=1, seed=0, motion_mm=10.0, motion_deg=3.0)
+    for path in sorted((still.parent / "rawdata").rglob("*_T2w.nii.gz")):
+        a = nib.load(path)
+        b = nib.load(moved.parent / path.relative_to(still.parent))
+        assert np.array_equal(a.get_fdata(), b.get_fdata())
+        motion = b.affine @ np.linalg.inv(a.affine)
+        rotation = motion[:3, :3]
+        assert np.allclose(rotation @ rotation.T, np.eye(3)) and np.isclose(np.linalg.det(rotation), 1.0)
+        angle = np.degrees(np.arccos(np.clip((np.trace(rotation) - 1) / 2, -1, 1)))
+        centre = a.affine @ np.r_[(np.array(a.shape) - 1) / 2, 1]
+        shift = np.linalg.norm((motion @ centre - centre)[:3])
+        assert 0 < angle <= 3.0 and 0 < shift <= 10.0
