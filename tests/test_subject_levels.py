@@ -22,6 +22,12 @@ OWN_NUMBERING = {"cervical": "C2", "thoracic": "count", "lumbar": "sacrum"}
 def as_station(ph, region, affine, mode=None):
     """(Station, truth: station id -> true level) of a phantom station numbered by the station alone."""
     mode = mode or OWN_NUMBERING[region]
+    mask, truth = numbered_alone(ph, mode)
+    return SL.station_vertebrae(mask, ph.semantic, affine, image_id=region, region=region, mode=mode), truth
+
+
+def numbered_alone(ph, mode):
+    """(instance mask, truth: its id -> true level): the reference's vertebrae with a body renumbered in `mode`."""
     ref = ph.instance
     ids = [int(k) for k in np.unique(ref[L.vertebra_ids(ref)]) if ((ref == k) & (ph.semantic == L.CORPUS)).sum() >= 10]
     ids.sort(key=lambda k: -np.argwhere(ref == k)[:, 1].mean())  # top first: S grows with axis 1
@@ -30,8 +36,7 @@ def as_station(ph, region, affine, mode=None):
     lut[L.SACRUM] = L.SACRUM
     for true, new in zip(ids, station_ids):
         lut[true], lut[L.IVD_OFFSET + true], lut[L.ENDPLATE_OFFSET + true] = new, L.IVD_OFFSET + new, L.ENDPLATE_OFFSET + new
-    station = SL.station_vertebrae(lut[ref], ph.semantic, affine, image_id=region, region=region, mode=mode)
-    return station, dict(zip(station_ids, ids))
+    return lut[ref], dict(zip(station_ids, ids))
 
 
 def subject_stations(index, *, anomaly="none", shift_mm=0.0, rotation_deg=0.0, regions=("cervical", "thoracic", "lumbar")):
@@ -162,3 +167,41 @@ def test_phantom_motion_moves_the_station_rigidly_and_keeps_its_voxels(tmp_path)
         centre = a.affine @ np.r_[(np.array(a.shape) - 1) / 2, 1]
         shift = np.linalg.norm((motion @ centre - centre)[:3])
         assert 0 < angle <= 3.0 and 0 < shift <= 10.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("shift_mm", "rotation_deg"), [(0.0, 0.0), (10.0, 3.0)])
+def test_the_demos_own_stations_under_motion_keep_their_levels(demo_local_run, shift_mm, rotation_deg):
+    """The real path: the demo's restored masks (shipped models), each station moved by its own rigid motion,
+    numbered together, and every vertebra with a body in view compared with the phantom's reference."""
+    from spinecohort import cohort, io, layout
+
+    manifest = demo_local_run / "demo" / "cohort.tsv"
+    table = cohort.resolve_paths(cohort.read_manifest(manifest), manifest.parent)
+    right, total, chained = {}, {}, 0
+    for subject, rows in table.groupby("subject"):
+        stations, masks = [], {}
+        for row in rows.itertuples():
+            folder = next(demo_local_run.glob(f"work/*/restore/{layout.derivative_name(row.image_id, 'vert')}")).parent
+            instance, affine = io.load_mask(folder / layout.derivative_name(row.image_id, "vert"))
+            semantic = io.load_mask(folder / layout.derivative_name(row.image_id, "spine"))[0]
+            index = int(subject.removeprefix("phantom"))
+            rng = np.random.default_rng([0, index, 10 + L.REGIONS.index(row.region)])
+            moved = station_motion(instance.shape, affine, shift_mm=shift_mm, rotation_deg=rotation_deg, rng=rng) @ affine
+            mode = OWN_NUMBERING[row.region]
+            stations.append(SL.station_vertebrae(instance, semantic, moved, image_id=row.image_id, region=row.region, mode=mode))
+            masks[row.image_id] = (instance, io.load_mask(row.reference_instance)[0], io.load_mask(row.reference_semantic)[0])
+        result = SL.label_subject(stations)
+        chained += all(link.offset is not None for link in result.links.values())
+        for row in rows.itertuples():
+            if result.modes[row.image_id] == "count":
+                continue
+            instance, reference, truth = masks[row.image_id]
+            ids = SL.relabel(instance, result.maps[row.image_id]) if row.image_id in result.maps else instance
+            found = [k for k in np.unique(reference[L.vertebra_ids(reference)])
+                     if ((reference == k) & (truth == L.CORPUS)).sum() >= 10]
+            right[row.region] = right.get(row.region, 0) + sum(np.bincount(ids[reference == k]).argmax() == k for k in found)
+            total[row.region] = total.get(row.region, 0) + len(found)
+    assert chained >= 3
+    assert right["cervical"] == total["cervical"] and right["lumbar"] == total["lumbar"]
+    assert right["thoracic"] >= 0.98 * total["thoracic"] and total["thoracic"] >= 12 * chained, (right, total)

@@ -1,5 +1,6 @@
 """Score rows, by-region summaries, Table S1 and the failures table; the demo run end to end."""
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -165,3 +166,49 @@ def test_the_demo_fold_agreement_is_the_folds_pairwise_dice(demo_local_run: Path
         worst = table[image_id].dropna().idxmin()
         assert (ledger.loc[image_id, "fold_agreement_worst"], ledger.loc[image_id, "fold_agreement"]) == (worst, table[image_id, worst])
     assert (table < 1).any() and (table > 0.9).any()  # three models, not one fold compared with itself
+
+
+@pytest.mark.slow
+def test_the_demo_qc_flags_the_images_whose_ivd_ids_are_wrong_and_ranks_them_first(demo_local_run: Path):
+    """No reference is read to flag; the references say which flags are right. In the demo a disc below a
+    vertebra cut by the top border takes the id of the level above it (118 named 117, two lumbar stations)."""
+    from spinecohort import labels as L
+
+    table = pd.read_parquet(demo_local_run / "summary" / layout.QC_TABLE)
+    manifest = demo_local_run / "demo" / "cohort.tsv"
+    rows = cohort.resolve_paths(cohort.read_manifest(manifest), manifest.parent).set_index("image_id")
+    assert sorted(table.image_id) == sorted(rows.index) and table.score.is_monotonic_decreasing
+    misnamed = set()
+    for image_id, row in rows.iterrows():
+        ids = io.load_mask(next(demo_local_run.glob(f"work/*/levels/{layout.derivative_name(image_id, 'vert')}")))[0]
+        reference = io.load_mask(row.reference_instance)[0]
+        named = {int(k): int(np.bincount(ids[reference == k]).argmax()) for k in np.unique(reference[L.ivd_ids(reference)])}
+        if any(got not in (0, k) for k, got in named.items()):  # a disc in view under another disc's id
+            misnamed.add(image_id)
+    flagged = set(table.image_id[table["flags"].str.contains("missing_ivd")])
+    assert flagged == misnamed and len(flagged) == 2, (flagged, misnamed)
+    assert set(table.image_id[:2]) == flagged  # they lead the ranking
+    # One of the demo model's three folds predicts no spinal cord at all: every image's folds disagree.
+    assert table["flags"].str.contains("folds_disagree").all() and (table.fold_agreement < 0.8).all()
+    review = (demo_local_run / "summary" / layout.QC_REVIEW).read_text()
+    for image_id in table.image_id[:3]:
+        link = re.search(f'src="([^"]*{image_id}_mod-T2w_seg-vert_snp.png)"', review)
+        assert link and (demo_local_run / "summary" / link.group(1)).read_bytes()[:4] == b"\x89PNG"
+    flags = pd.read_csv(demo_local_run / "summary" / layout.QC_FLAGS, sep="\t")
+    assert list(flags.image_id) == list(table.image_id[table["flags"] != ""])
+
+
+def test_qc_flags_and_score_follow_their_definitions():
+    from spinecohort.cohort_qc import FLAG_WEIGHT, qc_table
+
+    images = pd.DataFrame({"image_id": ["a", "b", "c"], "region": ["lumbar", "thoracic", "cervical"], "numbering": "C2",
+                           "vertebrae": [7.0, 3.0, 12.0], "missing_ivds": [0.0, 0.0, 2.0], "canal_gap_mm": [0.0, 22.0, 4.0]})
+    agreement = pd.DataFrame({"image_id": ["a", "a", "b", "c", "c"], "structure": ["corpus", "arcus", "IVD", "spinal cord", "sacrum"],
+                              "dsc": [0.96, 0.1, 0.92, 0.5, 0.0]})  # only the core structures count
+    volumes = pd.DataFrame({"image_id": [f"x{k}" for k in range(9)] + ["a"], "region": "lumbar", "level": "L3",
+                            "mm3": [30000.0 + 100 * k for k in range(9)] + [60000.0]})
+    table = qc_table(images, agreement, volumes).set_index("image_id")
+    assert table["flags"].to_dict() == {"a": "volume_outlier", "b": "vertebra_count,canal_gap", "c": "folds_disagree,missing_ivd"}
+    assert table.score.round(6).to_dict() == {"a": round(0.04 + FLAG_WEIGHT, 6), "b": round(0.08 + 2 * FLAG_WEIGHT, 6),
+                                              "c": round(0.5 + FLAG_WEIGHT, 6)}
+    assert list(table.index) == ["c", "b", "a"]  # worst first

@@ -18,6 +18,10 @@ FOLD_AGREEMENT: Final = "fold_agreement.tsv"  # average_folds: image_id, structu
 
 
 SUBJECT_LEVELS: Final = "subject_levels.tsv"  # label-levels: one row per subject (see `subject_levels`)
+LEVEL_VOLUMES: Final = "level_volumes.tsv"  # label-levels: image_id, region, level, mm3 (images with levels)
+QC_TABLE: Final = "qc.parquet"  # summarize: one row per image (`cohort_qc.qc_table`)
+QC_FLAGS: Final = "qc_flags.tsv"  # summarize: the flagged images, worst first
+QC_REVIEW: Final = "qc_review.html"  # summarize: the worst images' snapshots and flags
 
 
 class BatchStage(NamedTuple):

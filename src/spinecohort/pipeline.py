@@ -300,6 +300,7 @@ def _image_folders(folders: Sequence[Path]) -> dict[str, Path]:
 def _label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path], derivatives: Path) -> None:
     """Subject-level ids (`subject_levels`) for the stations of a subject group: each station's vertebra mask with
     those ids, its snapshot, and `layout.SUBJECT_LEVELS`; the masks restore numbered by station stay in its folder."""
+    from .cohort_qc import image_measures, level_volumes
     from .qc import snapshot_png
     from .subject_levels import label_subject, relabel, station_vertebrae
 
@@ -312,6 +313,7 @@ def _label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path],
     subjects: dict[tuple[str, str], SubjectLevels] = {}
     unreadable: dict[str, Exception] = {}  # a station whose masks do not load fails alone
     summary: list[dict[str, str]] = []
+    volumes: list[dict[str, Any]] = []
 
     def vertebra_mask(image_id: str):
         return io.load_mask(folder_of[image_id] / layout.derivative_name(image_id, "vert"))
@@ -348,9 +350,16 @@ def _label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path],
         snapshot_png(out / layout.derivative_name(row.image_id, *layout.SNAPSHOT), image, instance, image_affine,
                      title=f"{row.image_id} ({row.region}, {mode})", names=_level_names(instance, counted=mode == "count"))
         _publish(out, row, derivatives, "label-levels")
-        return {"message": result.reasons[row.image_id], "numbering": mode, "station_numbering": own[row.image_id]}
+        semantic = io.load_mask(folder_of[row.image_id] / layout.derivative_name(row.image_id, "spine"))[0]
+        measures = image_measures(instance, semantic, affine)
+        if mode != "count":  # a count's ids are positions, not levels
+            volumes.extend({"image_id": row.image_id, "region": row.region, "level": L_NAMES[k], "mm3": round(v, 1)}
+                           for k, v in level_volumes(instance, affine).items())
+        return {"message": result.reasons[row.image_id], "numbering": mode, "station_numbering": own[row.image_id],
+                "region": row.region, **{k: f"{v:g}" for k, v in measures.items()}}
 
     run_stage(layout.ledger_stage("label-levels"), rows, out, work, upstream=restore, failed_before=failed)
+    io.write_tsv(out / layout.LEVEL_VOLUMES, pd.DataFrame(volumes, columns=["image_id", "region", "level", "mm3"]))
     for key in dict.fromkeys(zip(rows.subject, rows.session)):  # subjects with no station left get their row too
         subject(*key)
     io.write_tsv(out / layout.SUBJECT_LEVELS, pd.DataFrame(summary, columns=list(SUBJECT_LEVEL_COLUMNS)))
@@ -409,7 +418,8 @@ def _score(*, manifest: Path, batch: str, out: Path, input: Path, levels: list[P
     write_scores(out / layout.BATCH_SCORES, pd.concat(parts, ignore_index=True) if parts else pd.DataFrame())
 
 
-def _summarize(*, out: Path, structures: list[str], scores: list[Path], levels: list[Path], ledgers: list[Path], dataset: Path) -> None:
+def _summarize(*, out: Path, structures: list[str], scores: list[Path], levels: list[Path], semantic: list[Path],
+               ledgers: list[Path], dataset: Path, review_images: int) -> None:
     from . import summary
 
     out.mkdir(parents=True, exist_ok=True)
@@ -430,7 +440,36 @@ def _summarize(*, out: Path, structures: list[str], scores: list[Path], levels: 
     subjects = [pd.read_csv(folder / layout.SUBJECT_LEVELS, sep="\t", dtype=str, keep_default_na=False) for folder in levels]
     io.write_tsv(out / layout.SUBJECT_LEVELS, pd.concat(subjects, ignore_index=True) if subjects
                  else pd.DataFrame(columns=list(SUBJECT_LEVEL_COLUMNS)))
+    _write_qc(out, levels, semantic, review_images)
     log.info("summarised %d score rows of %d images", len(rows), rows["image_id"].nunique())
+
+
+def _write_qc(out: Path, levels: list[Path], semantic: list[Path], review_images: int) -> None:
+    """qc.parquet, qc_flags.tsv and the review page (`cohort_qc`), from label-levels' and average-folds' outputs."""
+    import os
+
+    from .cohort_qc import qc_table, review_page
+
+    def read(path: Path, **kwargs: Any) -> pd.DataFrame:
+        return pd.read_csv(path, sep="\t", keep_default_na=False, **kwargs)
+
+    ledgers = [read(folder / LEDGER, dtype=str).assign(folder=str(folder)) for folder in levels]
+    images = pd.concat(ledgers, ignore_index=True) if ledgers else pd.DataFrame(columns=["image_id", "status", "folder"])
+    images = images[images.status == "ok"]
+    columns = ["image_id", "region", "numbering", "vertebrae", "missing_ivds", "canal_gap_mm"]
+    images = images.reindex(columns=[*columns, "folder"]).astype({c: float for c in columns[3:]})
+    agreement = [read(folder / layout.FOLD_AGREEMENT, na_values=[""]) for folder in semantic]
+    volumes = [read(folder / layout.LEVEL_VOLUMES, dtype={"image_id": str, "region": str, "level": str}) for folder in levels]
+    table = qc_table(images[columns],
+                     pd.concat(agreement, ignore_index=True) if agreement else pd.DataFrame(columns=["image_id", "structure", "dsc"]),
+                     pd.concat(volumes, ignore_index=True) if volumes else pd.DataFrame(columns=["image_id", "region", "level", "mm3"]))
+    with io.atomic_path(out / layout.QC_TABLE) as tmp:
+        table.to_parquet(tmp, index=False)
+    io.write_tsv(out / layout.QC_FLAGS, table[table["flags"] != ""][["image_id", "region", "score", "flags"]])
+    snapshots = {r.image_id: os.path.relpath(Path(r.folder) / layout.derivative_name(r.image_id, *layout.SNAPSHOT), out)
+                 for r in images.itertuples()}
+    with io.atomic_path(out / layout.QC_REVIEW) as tmp:
+        tmp.write_text(review_page(table, snapshots, review_images))
 
 
 def _option(*flags: str, **kwargs: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
@@ -479,6 +518,8 @@ STAGE_COMMANDS: dict[str, tuple[Callable[..., None], str, tuple[tuple[tuple[str,
     "summarize": (_summarize, "cohort-wide: partitioned scores, by-region summary, Table S1, levels, plots, failures", (
         _option("--scores", type=Path, nargs="*", default=[], help="per-batch score folders"),
         _option("--levels", type=Path, nargs="*", default=[], help="per-group label-levels folders"),
+        _option("--semantic", type=Path, nargs="*", default=[], help=f"per-batch average-folds folders (their {layout.FOLD_AGREEMENT})"),
+        _option("--review-images", type=int, required=True, help=f"images on the QC review page ({layout.QC_REVIEW})"),
         _option("--ledgers", type=Path, nargs="*", default=[], help=f"{layout.LEDGER} files of every stage"),
         _option("--structures", type=json.loads, required=True, help="JSON list: Table S1 row order"),
         _option("--dataset", type=Path, required=True, help="partitioned score dataset folder"),

@@ -136,6 +136,7 @@ def get_final_output(wildcards):
         SUMMARY / "levels.md",
         SUMMARY / "by_region.parquet",
         SUMMARY / layout.SUBJECT_LEVELS,
+        SUMMARY / layout.QC_TABLE,
         *get_missing_derivatives(),
     ]
 

@@ -32,6 +32,7 @@ rule summarize:
     input:
         scores=expand(stage_dir("score"), batch=get_batches()),
         levels=expand(stage_dir("label-levels"), batch=get_groups()),
+        semantic=expand(stage_dir("average-folds"), batch=get_batches()),
         ledgers=get_ledger_folders,
     output:
         dataset=directory(RESULTS / "scores"),
@@ -54,6 +55,13 @@ rule summarize:
             caption="../report/subject_levels.rst",
             category="Summary",
         ),
+        qc=SUMMARY / layout.QC_TABLE,
+        qc_flags=report(
+            SUMMARY / layout.QC_FLAGS,
+            caption="../report/qc_flags.rst",
+            category="QC",
+        ),
+        qc_review=SUMMARY / layout.QC_REVIEW,
         plots=report(
             expand(SUMMARY / "boxplot_{metric}.png", metric=["dsc", "assd"]),
             caption="../report/boxplots.rst",
@@ -80,6 +88,8 @@ rule summarize:
         ),
         structures=shlex.quote(json.dumps(list(config["metrics"]["structures"]))),
         folder=SUMMARY,
+        review=config["qc"]["review_images"],
     shell:
-        "spinecohort summarize --scores {input.scores} --levels {input.levels} --ledgers {params.ledgers}"
-        " --structures {params.structures} --dataset {output.dataset} --out {params.folder} &> {log}"
+        "spinecohort summarize --scores {input.scores} --levels {input.levels} --semantic {input.semantic}"
+        " --ledgers {params.ledgers} --structures {params.structures} --review-images {params.review}"
+        " --dataset {output.dataset} --out {params.folder} &> {log}"

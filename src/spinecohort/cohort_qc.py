@@ -1,0 +1,134 @@
+"""Cohort QC without references: per-image plausibility, one score per image, named flags, a review page.
+
+Per image (stage label-levels, on the final masks): how many vertebrae the station shows, how many
+pairs of neighbouring vertebrae lack the IVD between them, the longest gap of the spinal canal along
+the column inside the field of view, and each vertebra's volume. Cohort-wide (summarize): volumes
+against the cohort's own distribution per station and level (robust z-scores), the folds' agreement
+(`metrics.fold_agreement`, written by average-folds), flags and the score.
+
+The score ranks images for review, higher first: 1 minus the folds' mean agreement on the core
+structures (CORE_STRUCTURES), plus FLAG_WEIGHT per plausibility flag. Its weights are set by hand.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping
+from typing import Final
+
+import numpy as np
+import pandas as pd
+from numpy.typing import NDArray
+
+from . import labels as L
+
+__all__ = ["FLAGS", "image_measures", "level_volumes", "qc_table", "review_page", "robust_z"]
+
+# Vertebrae (the sacrum aside) a 300 mm sagittal station shows of an adult column.
+STATION_VERTEBRAE: Final = {"cervical": (9, 15), "thoracic": (10, 16), "lumbar": (5, 9)}
+CANAL_GAP_MM: Final = 10.0
+FOLDS_AGREE: Final = 0.9
+VOLUME_Z: Final = 3.5
+VOLUME_MIN_IMAGES: Final = 8  # a level's volumes need this many images with levels for a z-score
+CORE_STRUCTURES: Final = ("corpus", "IVD", "spinal canal", "spinal cord")
+FLAG_WEIGHT: Final = 0.25
+FLAGS: Final = {
+    "folds_disagree": f"the folds' mean agreement on {', '.join(CORE_STRUCTURES)} is under {FOLDS_AGREE}",
+    "vertebra_count": "the station shows fewer or more vertebrae than a 300 mm station of an adult column",
+    "missing_ivd": "two neighbouring vertebrae have no IVD between them",
+    "canal_gap": f"the spinal canal (with the cord) is interrupted for more than {CANAL_GAP_MM:.0f} mm along the column",
+    "volume_outlier": f"a vertebra's volume lies over {VOLUME_Z} robust SDs from the cohort's same level and station",
+}
+
+
+def _column_axis(affine: NDArray[np.float64]) -> int:
+    """The array axis closest to the world's superior-inferior direction."""
+    return int(np.argmax(np.abs(affine[2, :3]) / np.linalg.norm(affine[:3, :3], axis=0)))
+
+
+def image_measures(instance: NDArray[np.integer], semantic: NDArray[np.integer], affine: NDArray[np.float64]) -> dict[str, float]:
+    """vertebrae, missing_ivds and canal_gap_mm of one image's final masks (one grid).
+
+    >>> inst = np.zeros((1, 9, 1), np.uint16); inst[0, :, 0] = [2, 2, 102, 3, 3, 4, 4, 0, 0]
+    >>> sem = np.zeros_like(inst); sem[0, [0, 1, 2, 3, 7, 8], 0] = L.CANAL
+    >>> axis_1_down = np.array([[1.0, 0, 0, 0], [0, 0, 1, 0], [0, -2, 0, 0], [0, 0, 0, 1]])  # 2 mm rows, top first
+    >>> image_measures(inst, sem, axis_1_down)  # no IVD between 3 and 4; the canal gone for 3 rows
+    {'vertebrae': 3.0, 'missing_ivds': 1.0, 'canal_gap_mm': 6.0}
+    """
+    axis = _column_axis(affine)
+    others = tuple(a for a in range(3) if a != axis)
+    vertebrae = np.unique(instance[L.vertebra_ids(instance)])
+    # In column order: by the mean position along the column axis, top first (the sign of the axis aside).
+    order = sorted(vertebrae, key=lambda k: -np.sign(affine[2, axis]) * np.argwhere(instance == k)[:, axis].mean())
+    ivds = set(np.unique(instance[L.ivd_ids(instance)]).tolist())
+    missing = sum(L.IVD_OFFSET + int(upper) not in ivds for upper in order[:-1])
+    canal: NDArray[np.bool_] = np.asarray(np.isin(semantic, (L.CANAL, L.CORD)).any(axis=others))
+    rows = np.flatnonzero(canal)
+    gap = 0
+    if len(rows):
+        missing_rows = np.logical_not(canal[rows[0] : rows[-1] + 1]).astype(int)
+        runs = np.diff(np.flatnonzero(np.diff(np.r_[0, missing_rows, 0])))[::2]
+        gap = int(runs.max()) if len(runs) else 0
+    step = float(np.linalg.norm(affine[:3, axis]))
+    return {"vertebrae": float(len(vertebrae)), "missing_ivds": float(missing), "canal_gap_mm": gap * step}
+
+
+def level_volumes(instance: NDArray[np.integer], affine: NDArray[np.float64]) -> dict[int, float]:
+    """Volume (mm³) of each vertebra id."""
+    ids, counts = np.unique(instance[L.vertebra_ids(instance)], return_counts=True)
+    voxel = float(abs(np.linalg.det(affine[:3, :3])))
+    return {int(k): float(n) * voxel for k, n in zip(ids, counts)}
+
+
+def robust_z(values: pd.Series) -> pd.Series:
+    """(x - median) / (1.4826 MAD); NaN where the MAD is 0.
+
+    >>> robust_z(pd.Series([10.0, 11.0, 9.0, 10.0, 30.0])).round(2).tolist()
+    [0.0, 0.67, -0.67, 0.0, 13.49]
+    """
+    mad = 1.4826 * (values - values.median()).abs().median()
+    return (values - values.median()) / mad if mad > 0 else values * np.nan
+
+
+def qc_table(images: pd.DataFrame, agreement: pd.DataFrame, volumes: pd.DataFrame) -> pd.DataFrame:
+    """One row per image: measures, flags (comma-separated names of FLAGS) and score, worst first.
+
+    `images`: image_id, region, numbering and the `image_measures` columns; `agreement`: image_id,
+    structure, dsc (fold agreement per label); `volumes`: image_id, region, level, mm3 (images with levels).
+    """
+    table = images.copy()
+    core = agreement[agreement.structure.isin(CORE_STRUCTURES)].groupby("image_id")["dsc"].mean()
+    table["fold_agreement"] = table.image_id.map(core)
+    volumes = volumes.copy()
+    volumes["z"] = np.nan
+    for _, group in volumes.groupby(["region", "level"]):
+        if len(group) >= VOLUME_MIN_IMAGES:
+            volumes.loc[group.index, "z"] = robust_z(group.mm3)
+    table["volume_z_max"] = table.image_id.map(volumes.assign(z=volumes.z.abs()).groupby("image_id")["z"].max())
+    low, high = zip(*(STATION_VERTEBRAE[r] for r in table.region)) if len(table) else ((), ())
+    flags = {
+        "folds_disagree": table.fold_agreement < FOLDS_AGREE,
+        "vertebra_count": (table.vertebrae < np.array(low)) | (table.vertebrae > np.array(high)),
+        "missing_ivd": table.missing_ivds > 0,
+        "canal_gap": table.canal_gap_mm > CANAL_GAP_MM,
+        "volume_outlier": table.volume_z_max > VOLUME_Z,
+    }
+    table["flags"] = [",".join(name for name in FLAGS if flags[name].iloc[k]) for k in range(len(table))]
+    plausibility = sum(flags[name].astype(int) for name in FLAGS if name != "folds_disagree")
+    table["score"] = (1 - table.fold_agreement.fillna(1.0)) + FLAG_WEIGHT * plausibility
+    return table.sort_values(["score", "image_id"], ascending=[False, True], kind="stable").reset_index(drop=True)
+
+
+def review_page(table: pd.DataFrame, snapshots: Mapping[str, str], n: int) -> str:
+    """An HTML page of the `n` worst images: score, flags explained, and the snapshot (relative link)."""
+    rows = []
+    for r in table.head(n).itertuples():
+        flags = "".join(f"<li><b>{f}</b>: {html.escape(FLAGS[f])}</li>" for f in r.flags.split(",") if f)
+        picture = f'<img src="{html.escape(snapshots[r.image_id])}" width="360">' if r.image_id in snapshots else "no snapshot"
+        rows.append(f"<tr><td>{html.escape(r.image_id)}<br>{r.region}, {r.numbering}<br>score {r.score:.3f}<br>"
+                    f"fold agreement {r.fold_agreement:.3f}</td><td><ul>{flags or '<li>no flag</li>'}</ul></td><td>{picture}</td></tr>")
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>spinecohort QC review</title></head><body>"
+            f"<h1>The {min(n, len(table))} images most likely wrong, of {len(table)}</h1>"
+            "<p>Ranked by the QC score (results/summary/qc.parquet): 1 minus the folds' mean agreement on the core "
+            f"structures, plus {FLAG_WEIGHT} per plausibility flag.</p>"
+            f"<table border='1' cellpadding='4'>{''.join(rows)}</table></body></html>\n")
