@@ -169,10 +169,12 @@ def test_the_demo_fold_agreement_is_the_folds_pairwise_dice(demo_local_run: Path
 
 
 @pytest.mark.slow
-def test_the_demo_qc_flags_the_images_whose_ivd_ids_are_wrong_and_ranks_them_first(demo_local_run: Path):
-    """No reference is read to flag; the references say which flags are right. In the demo a disc below a
-    vertebra cut by the top border takes the id of the level above it (118 named 117, two lumbar stations)."""
+def test_the_demo_qc_measures_see_a_misnamed_disc_and_the_review_page_links_the_worst(demo_local_run: Path):
+    """No reference is read to flag; the references say which flags are right. Every disc in view carries its
+    level (the flag once found discs below a border-cut vertebra named after the level above, 118 as 117); a disc
+    renamed so in a demo mask is seen."""
     from spinecohort import labels as L
+    from spinecohort.cohort_qc import image_measures
 
     table = pd.read_parquet(demo_local_run / "summary" / layout.QC_TABLE)
     manifest = demo_local_run / "demo" / "cohort.tsv"
@@ -180,14 +182,19 @@ def test_the_demo_qc_flags_the_images_whose_ivd_ids_are_wrong_and_ranks_them_fir
     assert sorted(table.image_id) == sorted(rows.index) and table.score.is_monotonic_decreasing
     misnamed = set()
     for image_id, row in rows.iterrows():
-        ids = io.load_mask(next(demo_local_run.glob(f"work/*/levels/{layout.derivative_name(image_id, 'vert')}")))[0]
+        ids, affine = io.load_mask(next(demo_local_run.glob(f"work/*/levels/{layout.derivative_name(image_id, 'vert')}")))
         reference = io.load_mask(row.reference_instance)[0]
         named = {int(k): int(np.bincount(ids[reference == k]).argmax()) for k in np.unique(reference[L.ivd_ids(reference)])}
         if any(got not in (0, k) for k, got in named.items()):  # a disc in view under another disc's id
             misnamed.add(image_id)
-    flagged = set(table.image_id[table["flags"].str.contains("missing_ivd")])
-    assert flagged == misnamed and len(flagged) == 2, (flagged, misnamed)
-    assert set(table.image_id[:2]) == flagged  # they lead the ranking
+        if row.region == "lumbar":
+            semantic = io.load_mask(next(demo_local_run.glob(f"work/*/restore/{layout.derivative_name(image_id, 'spine')}")))[0]
+            top_disc = min(k for k in named if named[k] == k)
+            renamed = np.where(ids == top_disc, top_disc - 1, ids)
+            assert image_measures(ids, semantic, affine)["missing_ivds"] == 0
+            assert image_measures(renamed, semantic, affine)["missing_ivds"] == 1
+    assert not misnamed
+    assert not table["flags"].str.contains("missing_ivd").any()
     # One of the demo model's three folds predicts no spinal cord at all: every image's folds disagree.
     assert table["flags"].str.contains("folds_disagree").all() and (table.fold_agreement < 0.8).all()
     review = (demo_local_run / "summary" / layout.QC_REVIEW).read_text()
