@@ -67,11 +67,11 @@ def scored_batch(small_cohort: Path, tmp_path: Path):
     """The phantom references as 'predictions' for batch b0001, one reference moved to another grid, one removed."""
     table = cohort.resolve_paths(cohort.read_manifest(small_cohort), small_cohort.parent)
     batch = table[table.batch == "b0001"].reset_index(drop=True)
-    restore = tmp_path / "restore"
-    restore.mkdir()
-    for _, row in batch.iterrows():
-        for seg, column in (("spine", "reference_semantic"), ("vert", "reference_instance")):
-            (restore / layout.derivative_name(row.image_id, seg)).write_bytes(Path(row[column]).read_bytes())
+    restore, levels = tmp_path / "restore", tmp_path / "levels"  # the semantic masks, the vertebra masks
+    for folder, seg, column in ((restore, "spine", "reference_semantic"), (levels, "vert", "reference_instance")):
+        folder.mkdir()
+        for _, row in batch.iterrows():
+            (folder / layout.derivative_name(row.image_id, seg)).write_bytes(Path(row[column]).read_bytes())
     shifted = tmp_path / "shifted_ref.nii.gz"
     ref = nib.load(batch.reference_semantic[0])
     nib.save(nib.Nifti1Image(np.asarray(ref.dataobj)[:, :-2], ref.affine), shifted)
@@ -80,16 +80,17 @@ def scored_batch(small_cohort: Path, tmp_path: Path):
     edited.loc[edited.image_id == batch.image_id[1], ["reference_semantic", "reference_instance"]] = ""
     manifest = small_cohort.parent / "edited.tsv"
     edited.to_csv(manifest, sep="\t", index=False)
-    io.write_tsv(restore / "ledger.tsv", pd.DataFrame({"image_id": batch.image_id, "stage": "restore", "status": "ok", "message": "",
-                                                       "numbering": ["count", *["C2"] * (len(batch) - 1)]}))
-    return manifest, batch, restore, shifted
+    io.write_tsv(restore / "ledger.tsv", pd.DataFrame({"image_id": batch.image_id, "stage": "restore", "status": "ok", "message": ""}))
+    io.write_tsv(levels / "ledger.tsv", pd.DataFrame({"image_id": batch.image_id, "stage": "label_levels", "status": "ok", "message": "",
+                                                      "numbering": ["count", *["subject"] * (len(batch) - 1)]}))
+    return manifest, batch, restore, levels, shifted
 
 
 def test_score_stage_scores_references_and_fails_a_grid_mismatch_alone(scored_batch, tmp_path: Path):
-    manifest, batch, restore, shifted = scored_batch
+    manifest, batch, restore, levels, shifted = scored_batch
     out = tmp_path / "scores"
     structures = '{"Vertebra": [41, 42, 43, 44, 45, 46, 47, 48, 49], "IVD": [100], "Nothing": [90]}'
-    subprocess.run(["spinecohort", "score", "--manifest", manifest, "--batch", "b0001", "--input", restore,
+    subprocess.run(["spinecohort", "score", "--manifest", manifest, "--batch", "b0001", "--input", restore, "--levels", levels,
                     "--structures", structures, "--out", out], check=True, capture_output=True)
     ledger = pd.read_csv(out / "ledger.tsv", sep="\t", dtype=str, keep_default_na=False).set_index("image_id")
     mismatch = ledger.loc[batch.image_id[0]]
