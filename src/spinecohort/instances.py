@@ -326,9 +326,6 @@ class _Vertebra:
     mm3: float
     centre_i: float  # position along the column (axis 1) of its body, or of all of it without a body
     at_border: bool  # touches the in-plane border (axes 0, 1) of the field of view
-    # Where its discs are split from: the centre, or the border edge for a vertebra the top or bottom border
-    # cuts (its visible part's centre lies off towards the inside, past the disc beside it).
-    split_i: float
 
 
 def _vertebrae(instance: NDArray[np.integer], seg: NDArray[np.integer], voxel_mm3: float) -> list[_Vertebra]:
@@ -342,9 +339,7 @@ def _vertebrae(instance: NDArray[np.integer], seg: NDArray[np.integer], voxel_mm
         body = mine & corpus[box]
         where = np.argwhere(body if body.any() else mine)
         at_border = any(box[a].start == 0 or box[a].stop == instance.shape[a] for a in (0, 1))
-        centre = float(where[:, 1].mean()) + box[1].start
-        split = -0.5 if box[1].start == 0 else instance.shape[1] - 0.5 if box[1].stop == instance.shape[1] else centre
-        out.append(_Vertebra(k, float(mine.sum()) * voxel_mm3, centre, at_border, split))
+        out.append(_Vertebra(k, float(mine.sum()) * voxel_mm3, float(where[:, 1].mean()) + box[1].start, at_border))
     return sorted(out, key=lambda v: v.centre_i)
 
 
@@ -452,7 +447,7 @@ def number_instances(instance: NDArray[np.integer], seg: NDArray[np.integer], re
     out = lut[instance]
     if sacrum.any() and (not vertebrae or np.argwhere(sacrum)[:, 1].mean() > vertebrae[-1].centre_i):
         out[sacrum] = L.SACRUM  # a "sacrum" above the lowest vertebra is not one
-    placed = [(v.split_i, level) for v, level in zip(vertebrae, levels)]
+    placed = [(v.centre_i, level) for v, level in zip(vertebrae, levels)]
     for components, offset in ((discs, L.IVD_OFFSET), (_components(seg == L.ENDPLATE, 1), L.ENDPLATE_OFFSET)):
         for comp in components:
             above = [level for i, level in placed if i < comp[:, 1].mean()]
