@@ -75,11 +75,16 @@ def station_vertebrae(instance: NDArray[np.integer], semantic: NDArray[np.intege
     def inside(box: tuple[slice, ...] | None) -> bool:  # clear of the in-plane border
         return box is not None and all(box[a].start > 0 and box[a].stop < instance.shape[a] for a in range(3) if a != slice_axis)
 
-    boxes = ndimage.find_objects(np.where(semantic == L.CORPUS, instance, 0).astype(np.int32), max_label=max(ids, default=0))
+    top = max(ids, default=0)
+    vertebrae = np.where(L.vertebra_ids(instance), instance, 0).astype(np.int32)
+    boxes = ndimage.find_objects(np.where(semantic == L.CORPUS, vertebrae, 0), max_label=top)
+    vertebra_boxes = ndimage.find_objects(vertebrae, max_label=top)
     centres, whole = [], []
     for k in ids:
-        body = (instance == k) & (semantic == L.CORPUS)
-        voxels = np.argwhere(body if body.any() else instance == k)
+        box = vertebra_boxes[k - 1]  # work inside the vertebra's box
+        mine = instance[box] == k
+        body = mine & (semantic[box] == L.CORPUS)
+        voxels = np.argwhere(body if body.any() else mine) + [b.start for b in box]
         centres.append(affine[:3, :3] @ voxels.mean(axis=0) + affine[:3, 3])
         whole.append(inside(boxes[k - 1]))
     return Station(image_id, region, mode, tuple(ids), np.array(centres, float).reshape(-1, 3), np.array(whole, bool), before_top)
