@@ -196,6 +196,7 @@ def get_missing_derivatives():
     not made yet costs one stat; a finished cohort one listing and a stat per file.
     """
     missing = []
+    tree = str(DERIVATIVES)
     for command in dict.fromkeys(made.stage for made in layout.DERIVATIVES):
         kinds = [made for made in layout.DERIVATIVES if made.stage == command]
         units = _subject_groups() if layout.stage(command).per_subject else None
@@ -206,11 +207,13 @@ def get_missing_derivatives():
             names = set(os.listdir(folder))
             members = units[unit] if units else _batch_members()[unit].split(",")
             for image_id in members:
+                place = _subject_folder_of()[image_id]
                 for made in kinds:
                     name = layout.derivative_name(image_id, made.seg, made.suffix)
-                    published = DERIVATIVES / _subject_folder_of()[image_id] / name
-                    if name in names and not published.exists():
-                        missing.append(str(published))
+                    # Strings, not Paths: 270,000 of them in a finished 90,000-image cohort.
+                    published = f"{tree}/{place}/{name}"
+                    if name in names and not os.path.exists(published):
+                        missing.append(published)
     return missing
 
 
