@@ -19,6 +19,7 @@ from typing import Final
 import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
+from scipy import ndimage
 
 from . import labels as L
 
@@ -58,8 +59,9 @@ def image_measures(instance: NDArray[np.integer], semantic: NDArray[np.integer],
     axis = _column_axis(affine)
     others = tuple(a for a in range(3) if a != axis)
     vertebrae = np.unique(instance[L.vertebra_ids(instance)])
-    # In column order: by the mean position along the column axis, top first (the sign of the axis aside).
-    order = sorted(vertebrae, key=lambda k: -np.sign(affine[2, axis]) * np.argwhere(instance == k)[:, axis].mean())
+    # In column order: by the mean position along the column axis (one pass over the mask), top first.
+    centres = ndimage.center_of_mass(L.vertebra_ids(instance), instance, vertebrae)
+    order = [k for _, k in sorted(zip((-np.sign(affine[2, axis]) * c[axis] for c in centres), vertebrae.tolist()))]
     ivds = set(np.unique(instance[L.ivd_ids(instance)]).tolist())
     missing = sum(L.IVD_OFFSET + int(upper) not in ivds for upper in order[:-1])
     canal: NDArray[np.bool_] = np.asarray(np.isin(semantic, (L.CANAL, L.CORD)).any(axis=others))

@@ -31,6 +31,7 @@ from .metrics import ASSD_DEFINITIONS
 from .semantic import Fold, parse_fold
 
 if TYPE_CHECKING:
+    from numpy.typing import NDArray
 
     from .subject_levels import SubjectLevels
 
@@ -310,26 +311,28 @@ def _label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path],
     failed = upstream_failures(restore)
     for image_id in set(rows.image_id) - set(folder_of):
         failed[image_id] = "restored by none of the given restore folders"
+    # A subject's stations one after the other, top to bottom, so that each subject's masks are read once.
+    rows = rows.iloc[np.lexsort(([REGIONS.index(r) for r in rows.region], rows.session, rows.subject))]
     subjects: dict[tuple[str, str], SubjectLevels] = {}
-    unreadable: dict[str, Exception] = {}  # a station whose masks do not load fails alone
+    masks: dict[str, tuple[NDArray, NDArray, NDArray] | Exception] = {}  # the current subject's: instance, affine, semantic
     summary: list[dict[str, str]] = []
     volumes: list[dict[str, Any]] = []
 
-    def vertebra_mask(image_id: str):
-        return io.load_mask(folder_of[image_id] / layout.derivative_name(image_id, "vert"))
+    def read_masks(image_id: str) -> tuple[NDArray, NDArray, NDArray]:
+        instance, affine = io.load_mask(folder_of[image_id] / layout.derivative_name(image_id, "vert"))
+        return instance, affine, io.load_mask(folder_of[image_id] / layout.derivative_name(image_id, "spine"))[0]
 
     def subject(subject: str, session: str) -> SubjectLevels:
         """The subject's labelling, computed at its first station (over the stations that restore finished)."""
         if (subject, session) not in subjects:
             everyone = rows[(rows.subject == subject) & (rows.session == session)]
-            everyone = everyone.iloc[np.argsort([REGIONS.index(r) for r in everyone.region], kind="stable")]  # top to bottom
+            masks.clear()
             stations = []
             for r in everyone[~everyone.image_id.isin(failed)].itertuples():
                 try:
-                    instance, affine = vertebra_mask(r.image_id)
-                    semantic = io.load_mask(folder_of[r.image_id] / layout.derivative_name(r.image_id, "spine"))[0]
-                except Exception as exc:
-                    unreadable[r.image_id] = exc
+                    instance, affine, semantic = masks[r.image_id] = read_masks(r.image_id)
+                except Exception as exc:  # this station fails alone, in its own row
+                    masks[r.image_id] = exc
                     continue
                 stations.append(station_vertebrae(instance, semantic, affine, image_id=r.image_id, region=r.region,
                                                   mode=own[r.image_id]))
@@ -339,9 +342,10 @@ def _label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path],
 
     def work(row: pd.Series) -> Outcome:
         result = subject(row.subject, row.session)
-        if row.image_id in unreadable:
-            raise unreadable[row.image_id]
-        instance, affine = vertebra_mask(row.image_id)
+        loaded = masks.pop(row.image_id, None)
+        if isinstance(loaded, Exception):
+            raise loaded
+        instance, affine, semantic = loaded if loaded is not None else read_masks(row.image_id)
         if row.image_id in result.maps:
             instance = relabel(instance, result.maps[row.image_id])
         mode = result.modes[row.image_id]
@@ -350,7 +354,6 @@ def _label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path],
         snapshot_png(out / layout.derivative_name(row.image_id, *layout.SNAPSHOT), image, instance, image_affine,
                      title=f"{row.image_id} ({row.region}, {mode})", names=_level_names(instance, counted=mode == "count"))
         _publish(out, row, derivatives, "label-levels")
-        semantic = io.load_mask(folder_of[row.image_id] / layout.derivative_name(row.image_id, "spine"))[0]
         measures = image_measures(instance, semantic, affine)
         if mode != "count":  # a count's ids are positions, not levels
             volumes.extend({"image_id": row.image_id, "region": row.region, "level": L_NAMES[k], "mm3": round(v, 1)}
@@ -358,7 +361,7 @@ def _label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path],
         return {"message": result.reasons[row.image_id], "numbering": mode, "station_numbering": own[row.image_id],
                 "region": row.region, **{k: f"{v:g}" for k, v in measures.items()}}
 
-    run_stage(layout.ledger_stage("label-levels"), rows, out, work, upstream=restore, failed_before=failed)
+    run_stage(layout.ledger_stage("label-levels"), rows, out, work, failed_before=failed)
     io.write_tsv(out / layout.LEVEL_VOLUMES, pd.DataFrame(volumes, columns=["image_id", "region", "level", "mm3"]))
     for key in dict.fromkeys(zip(rows.subject, rows.session)):  # subjects with no station left get their row too
         subject(*key)

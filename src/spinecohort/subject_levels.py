@@ -96,7 +96,6 @@ class Link:
 
     offset: int | None  # None: no link (see reason)
     motion_mm: float = float("nan")  # the displacement of the lower station against the upper one (norm)
-    shared: int = 0
     reason: str = ""
 
 
@@ -113,17 +112,17 @@ def link(upper: Station, lower: Station) -> Link:
         d = lower.centres[use] - upper.centres[use + offset]
         shift = d.mean(axis=0)
         if np.linalg.norm(d - shift, axis=1).max() <= CONSISTENT_MM:
-            candidates.append((float(np.linalg.norm(shift)), offset, len(j)))
+            candidates.append((float(np.linalg.norm(shift)), offset))
     name = f"{upper.region} and {lower.region}"
     if not candidates:
         return Link(None, reason=f"{name} share no {MIN_SHARED} vertebrae at one displacement")
     candidates.sort()
-    motion, offset, shared = candidates[0]
+    motion, offset = candidates[0]
     if motion > MAX_MOTION_MM:
         return Link(None, reason=f"{name}: the best pairing implies {motion:.0f} mm of motion (over {MAX_MOTION_MM:.0f})")
     if len(candidates) > 1 and candidates[1][0] - motion < MARGIN_MM:
         return Link(None, reason=f"{name}: ambiguous, pairings imply {motion:.0f} and {candidates[1][0]:.0f} mm of motion")
-    return Link(offset, motion, shared)
+    return Link(offset, motion)
 
 
 @dataclass
@@ -145,12 +144,16 @@ def label_subject(stations: Sequence[Station]) -> SubjectLevels:
     """Subject-level ids for a subject's stations (one session); see the module doc."""
     out = SubjectLevels(modes={s.image_id: s.mode for s in stations}, reasons={s.image_id: "" for s in stations})
     chain = sorted(stations, key=lambda s: ORDER[s.region])
-    out.levels = {s.image_id: list(s.ids) for s in chain}
     if len({s.region for s in chain}) != len(chain):
         out.note = "two stations of one region: not linked"
-        return out
-    if len(chain) < 2:
-        return out
+    elif len(chain) > 1:
+        _number_chain(out, chain)
+    out.levels = {s.image_id: [out.maps.get(s.image_id, {}).get(k, k) for k in s.ids] for s in chain}
+    return out
+
+
+def _number_chain(out: SubjectLevels, chain: list[Station]) -> None:
+    """Link neighbouring stations (top to bottom), then number each linked component."""
     # Linked stations form components; per component, each station's first vertebra's position
     # relative to the component's first station's first vertebra.
     components: list[dict[str, int]] = [{chain[0].image_id: 0}]
@@ -163,14 +166,6 @@ def label_subject(stations: Sequence[Station]) -> SubjectLevels:
         else:
             components[-1][lower.image_id] = components[-1][upper.image_id] + found.offset
     by_id = {s.image_id: s for s in chain}
-    try:
-        _number_components(out, components, by_id)
-    finally:
-        out.levels = {s.image_id: [out.maps.get(s.image_id, {}).get(k, k) for k in s.ids] for s in chain}
-    return out
-
-
-def _number_components(out: SubjectLevels, components: list[dict[str, int]], by_id: dict[str, Station]) -> None:
     for comp in components:
         members = [by_id[i] for i in comp]
         top = next((s for s in members if s.mode == "C2"), None)
