@@ -55,3 +55,28 @@ def test_the_config_shows_the_packages_defaults():
 
     n4 = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["n4"]
     assert n4 == {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.N4.items()}
+
+
+def test_the_readme_slurm_short_form_plans_jobs_with_the_profiles_threads(tmp_path: Path):
+    """The README's two lines for `--profile slurm`, verbatim (a home of our own), plan the GPU jobs with
+    the profile's threads: no other profile caps them at this machine's cores."""
+    import shlex
+
+    import yaml
+
+    from spinecohort.phantom import write_cohort
+
+    section = (ROOT / "README.md").read_text().split("## On a SLURM cluster")[1].split("\n## ")[0]
+    link, command = section.split("```bash\n")[2].split("```")[0].strip().splitlines()
+    env = {"PATH": f"{Path(shutil.which('snakemake') or '').parent}:/usr/bin:/bin", "HOME": str(tmp_path / "home")}
+    subprocess.run(["bash", "-c", link], cwd=ROOT, env=env, check=True)
+    assert (tmp_path / "home" / ".config" / "snakemake" / "slurm" / "config.yaml").is_file()
+    manifest = write_cohort(tmp_path / "cohort", subjects=1)
+    overrides = ["-n", "-p", "--config", f"results={tmp_path / 'results'}", f"manifest={manifest}",
+                 "semantic_model={path: demo}", "instance_model={path: demo}"]  # fmt: skip
+    proc = subprocess.run([*shlex.split(command), *overrides], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    threads = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())["set-threads"]
+    for rule, cli in (("predict_fold", "predict-fold"), ("assemble_instances", "assemble-instances")):
+        planned = {line.split("--threads ")[1].split()[0] for line in proc.stdout.splitlines() if f"spinecohort {cli}" in line}
+        assert planned == {str(threads[rule])}, (rule, planned)
