@@ -80,3 +80,17 @@ def test_the_readme_slurm_short_form_plans_jobs_with_the_profiles_threads(tmp_pa
     for rule, cli in (("predict_fold", "predict-fold"), ("assemble_instances", "assemble-instances")):
         planned = {line.split("--threads ")[1].split()[0] for line in proc.stdout.splitlines() if f"spinecohort {cli}" in line}
         assert planned == {str(threads[rule])}, (rule, planned)
+
+
+def test_runtimes_follow_each_batchs_own_size_not_the_configs(tmp_path: Path):
+    """A manifest batched by 3 run with a config that says 1: SLURM is asked for 3 images' time per batch."""
+    from spinecohort.phantom import write_cohort
+
+    manifest = write_cohort(tmp_path / "cohort", subjects=1)  # one batch of the subject's 3 stations
+    config = tmp_path / "config.yaml"
+    config.write_text(f"results: {tmp_path / 'results'}\nmanifest: {manifest}\nbatch_size: 1\ndemo: {{enabled: false}}\n")
+    proc = run("snakemake", "-n", "--configfile", str(config))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = {block.split(":")[0]: block for block in proc.stdout.split("\nrule ")[1:]}
+    for rule, per_image in (("predict_fold", 1.0), ("bias_correct", 0.5), ("label_levels", 0.1)):
+        assert f"runtime={int(10 + per_image * 3)}" in jobs[rule], jobs[rule]

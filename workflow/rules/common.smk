@@ -228,11 +228,19 @@ def get_maker_folder_of(wildcards):
     return str(WORK / unit / layout.folder(made.stage))
 
 
-def batch_minutes(per_image):
-    """Runtime (min) for a batch, scaled by the attempt so retries get more time."""
-    return lambda wildcards, attempt: int(
-        10 + per_image * config["batch_size"] * attempt
-    )
+def images_in_batch(wildcards):
+    return _batch_members()[wildcards.batch].count(",") + 1
+
+
+def images_in_group(wildcards):
+    return len(_subject_groups()[wildcards.batch])
+
+
+def batch_minutes(per_image, images=images_in_batch):
+    """Runtime (min) of a job: its own batch's (or group's) images, not config["batch_size"], which
+    a manifest made with another batch size does not follow; scaled by the attempt for retries.
+    """
+    return lambda wildcards, attempt: int(10 + per_image * images(wildcards) * attempt)
 
 
 def words(values):

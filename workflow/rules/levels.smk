@@ -23,7 +23,7 @@ rule label_levels:
     threads: 1
     resources:
         mem_mb=memory_mb(2000),
-        runtime=batch_minutes(0.1),
+        runtime=batch_minutes(0.1, images=images_in_group),
     params:
         members=get_group_members,
         derivatives=DERIVATIVES,
