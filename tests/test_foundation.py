@@ -194,6 +194,42 @@ def test_version_is_the_installed_distributions():
     assert out == f"spinecohort {declared}\n"
 
 
+
+def test_every_command_line_option_says_what_it_is():
+    import argparse
+
+    from spinecohort.cli import build_parser
+
+    def silent(parser: argparse.ArgumentParser, name: str):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for command, sub in action.choices.items():
+                    yield from silent(sub, command)
+            elif not action.help:
+                yield name, action.option_strings or action.dest
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert {"phantom", "predict-fold", "label-levels", "train-instance", "random-model"} <= set(commands)
+    assert list(silent(parser, "spinecohort")) == []
+
+
+def test_license_and_citation_agree_with_the_package():
+    import tomllib
+    from importlib.metadata import metadata
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    citation = yaml.safe_load((root / "CITATION.cff").read_text())
+    assert (citation["cff-version"], citation["version"], citation["license"]) == ("1.2.0", project["version"], project["license"])
+    assert (root / "LICENSE").read_text().split()[:4] == ["Apache", "License", "Version", "2.0,"]
+    assert metadata("spinecohort")["License-Expression"] == "Apache-2.0"
+    # the method's paper first, the network's next: SPINEPS (Eur Radiol), nnU-Net (Nat Methods)
+    assert [citation["preferred-citation"]["doi"], *(r["doi"] for r in citation["references"])] == [
+        "10.1007/s00330-024-11155-y", "10.1038/s41592-020-01008-z"]
+
 # One bad value per case: the manifest schema (the Snakefile's check) and cohort.check_manifest
 # (every CLI stage's) must agree on each.
 MANIFEST_CASES = [

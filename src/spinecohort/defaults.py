@@ -11,3 +11,6 @@ from typing import Any, Final
 # the bias-field FWHM. Two fitting levels, not four: finer meshes take anatomy for bias on spine
 # stations (benchmarks/README.md, N4 settings).
 N4: Final[dict[str, Any]] = {"shrink": (8, 8, 1), "iterations": (50, 50), "bias_fwhm": 0.3}
+
+# Where torch runs, for every command that loads a network.
+DEVICE_HELP: Final = "auto (CUDA when present), cuda or cpu"

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from . import cohort, io, layout
+from .defaults import DEVICE_HELP
 from .defaults import N4 as N4_DEFAULTS
 from .labels import ENDPLATE_OFFSET, IVD_OFFSET, REGIONS, SEMANTIC_NAMES
 from .labels import VERTEBRA_NAMES as L_NAMES
@@ -480,7 +481,7 @@ def _option(*flags: str, **kwargs: Any) -> tuple[tuple[str, ...], dict[str, Any]
 
 
 _MODEL = _option("--model", type=model_folder, required=True, help="model folder or its inference_config.json")
-_DEVICE = _option("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
+_DEVICE = _option("--device", default="auto", help=DEVICE_HELP)
 _BATCH_OPTIONS = (
     _option("--manifest", type=Path, required=True, help="cohort manifest TSV"),
     _option("--batch", required=True, help="batch id, e.g. b0001"),
@@ -545,17 +546,17 @@ def add_stage_parsers(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(handler=functools.partial(_dispatch, driver))
 
     p = sub.add_parser("random-model", help="write an nnU-Net v2 model folder with random weights (tests)")
-    p.add_argument("out", type=Path)
-    p.add_argument("--folds", type=int, default=3)
-    p.add_argument("--spacing", type=float, nargs=3, default=(2.0, 2.0, 4.4))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("out", type=Path, help="model folder to write")
+    p.add_argument("--folds", type=int, default=3, help="folds (default %(default)s)")
+    p.add_argument("--spacing", type=float, nargs=3, default=(2.0, 2.0, 4.4), help="(P, I, R) mm (default 2.0 2.0 4.4)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     p.set_defaults(handler=_random_model)
 
     p = sub.add_parser("random-instance-model", help="write a SPINEPS instance model folder with random weights")
-    p.add_argument("out", type=Path)
-    p.add_argument("--spacing", type=float, nargs=3, default=(2.0, 2.0, 4.4))
-    p.add_argument("--cutout", type=int, nargs=3, default=(64, 64, 16))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("out", type=Path, help="model folder to write")
+    p.add_argument("--spacing", type=float, nargs=3, default=(2.0, 2.0, 4.4), help="(P, I, R) mm (default 2.0 2.0 4.4)")
+    p.add_argument("--cutout", type=int, nargs=3, default=(64, 64, 16), help="(P, I, R) voxels (default 64 64 16)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     p.set_defaults(handler=_random_instance_model)
 
 
