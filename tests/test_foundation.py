@@ -156,6 +156,24 @@ def test_each_bad_image_fails_alone_with_its_reason(small_cohort: Path, tmp_path
     assert set(later[later.status == "skipped"].image_id) == set(bad)
 
 
+
+def test_a_long_stage_logs_each_image_with_the_time_left(tmp_path: Path, monkeypatch, caplog):
+    clock = [1000.0]
+    monkeypatch.setattr(pipeline.time, "monotonic", lambda: clock[0])
+
+    def work(row):  # every image takes 10 s
+        clock[0] += 10
+
+    rows = pd.DataFrame({"image_id": [f"img{k}" for k in range(4)], "image": ["x"] * 4})
+    with caplog.at_level("INFO", logger="spinecohort"):
+        pipeline.run_stage("predict-fold", rows, tmp_path / "out", work)
+    lines = [r.getMessage() for r in caplog.records if "so far" in r.getMessage()]
+    assert lines == ["predict-fold: 1/4 images, 10 s so far, about 30 s left",
+                     "predict-fold: 2/4 images, 20 s so far, about 20 s left",
+                     "predict-fold: 3/4 images, 30 s so far, about 10 s left"]  # fmt: skip
+    assert pipeline.progress_line("predict-fold", 12, 150, 190, 12) == "predict-fold: 12/150 images, 3 min 10 s so far, about 36 min 25 s left"
+    assert pipeline.progress_line("n4", 1, 150, 100, 1).endswith("1 min 40 s so far, about 4 h 08 min left")
+
 def test_atomic_writes_leave_nothing_half_written_and_sweep_a_killed_writers_temp(tmp_path: Path):
     target = tmp_path / "sub-1_T2w.nii.gz"
     with pytest.raises(RuntimeError), io.atomic_path(target) as tmp:

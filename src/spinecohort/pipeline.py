@@ -15,6 +15,7 @@ import functools
 import inspect
 import json
 import logging
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -79,6 +80,21 @@ def ledger_facts(folder: Path, column: str) -> dict[str, str]:
 STORAGE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def progress_line(stage: str, done: int, total: int, elapsed: float, worked: int) -> str:
+    """`stage: 12/150 images, 3 min 10 s so far, about 36 min 25 s left`: the rest at the pace of the `worked` images so far."""
+    left = elapsed / worked * (total - done)
+    return f"{stage}: {done}/{total} images, {_duration(elapsed)} so far, about {_duration(left)} left"
+
+
 def run_stage(
     stage: str,
     rows: pd.DataFrame,
@@ -97,11 +113,15 @@ def run_stage(
     out.mkdir(parents=True, exist_ok=True)
     failed_before = failed_before if failed_before is not None else upstream_failures(list(upstream))
     records: list[dict[str, str]] = []
-    for _, row in rows.iterrows():
+    started, worked = time.monotonic(), 0
+    for k, (_, row) in enumerate(rows.iterrows(), start=1):
         record = {"image_id": row.image_id, "stage": stage}
         if row.image_id in failed_before:
             records.append({**record, "status": "skipped", "message": failed_before[row.image_id]})
             continue
+        if worked:  # a long batch is never silent until it ends
+            log.info("%s", progress_line(stage, k - 1, len(rows), time.monotonic() - started, worked))
+        worked += 1
         try:
             outcome = work(row)
             facts = outcome if isinstance(outcome, dict) else {"message": outcome or ""}
