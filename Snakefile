@@ -15,6 +15,7 @@ report: "workflow/report/workflow.rst"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
+include: "workflow/rules/provenance.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/semantic.smk"
 include: "workflow/rules/instance.smk"

@@ -221,3 +221,39 @@ def test_qc_flags_and_score_follow_their_definitions():
     assert table.score.round(6).to_dict() == {"a": round(0.04 + FLAG_WEIGHT, 6), "b": round(0.08 + 2 * FLAG_WEIGHT, 6),
                                               "c": round(0.5 + FLAG_WEIGHT, 6)}
     assert list(table.index) == ["c", "b", "a"]  # worst first
+
+
+@pytest.mark.slow
+def test_the_demo_derivatives_say_what_made_them(demo_local_run: Path):
+    """BIDS dataset_description.json, a sidecar next to every published mask, and parquet key-value metadata,
+    all naming this version, the shipped models and the ASSD definition."""
+    import json
+    from importlib.metadata import version
+
+    import pyarrow.parquet as pq
+
+    derivatives = demo_local_run / "derivatives" / "spinecohort"
+    description = json.loads((derivatives / layout.DATASET_DESCRIPTION).read_text())
+    assert description["DatasetType"] == "derivative" and description["BIDSVersion"].startswith("1.")
+    assert description["GeneratedBy"][0] == {**description["GeneratedBy"][0], "Name": "spinecohort", "Version": version("spinecohort")}
+    models = {kind: json.loads((ROOT / "resources" / "demo_models" / kind / "inference_config.json").read_text())["log_name"]
+              for kind in ("semantic", "instance")}  # fmt: skip
+    manifest = cohort.resolve_paths(cohort.read_manifest(demo_local_run / "demo" / "cohort.tsv"), demo_local_run / "demo")
+    ledgers = pd.concat([pd.read_csv(f, sep="\t", dtype=str, keep_default_na=False)
+                         for f in (demo_local_run / "work").glob(f"*/{layout.folder('label-levels')}/{layout.LEDGER}")])  # fmt: skip
+    numbering = dict(zip(ledgers.image_id, ledgers.numbering))
+    for row in manifest.itertuples():
+        for seg in ("spine", "vert"):
+            mask = layout.derivative(derivatives, row.subject, row.session, row.image_id, seg)
+            side = json.loads(mask.with_name(mask.name.replace(".nii.gz", ".json")).read_text())
+            assert side["Sources"] == [str(row.image)] and side["GeneratedBy"]["Version"] == version("spinecohort")
+            assert {k: side["Provenance"]["models"][k]["log_name"] for k in models} == models
+            assert side["Provenance"]["parameters"]["n4"] == CONFIG["n4"]
+            if seg == "vert":
+                assert side["Numbering"] == numbering[row.image_id]
+    for table in (demo_local_run / "summary" / "by_region.parquet", demo_local_run / "summary" / layout.QC_TABLE,
+                  *(demo_local_run / "scores").glob("region=*/*.parquet")):  # fmt: skip
+        meta = pq.read_schema(table).metadata
+        assert meta[b"spinecohort.version"].decode() == version("spinecohort"), table
+        assert meta[b"spinecohort.assd_definition"].decode() == CONFIG["metrics"]["assd"], table
+        assert json.loads(meta[b"spinecohort.provenance"])["models"]["semantic"]["log_name"] == models["semantic"]

@@ -7,6 +7,7 @@ as one line on stderr and exit status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -72,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", type=Path, help="the batch's restore folder")
     p.add_argument("target", type=Path, help="the derivative to make (the folder holds a file of its name)")
 
+    p = sub.add_parser("describe", help="the run's provenance (versions, models, parameters) and the derivatives' dataset_description.json")
+    p.add_argument("--semantic-model", type=Path, required=True, help="semantic model folder")
+    p.add_argument("--instance-model", type=Path, required=True, help="instance model folder")
+    p.add_argument("--folds", nargs="+", required=True, help="semantic folds used")
+    p.add_argument("--parameters", type=json.loads, required=True, help="JSON: the run's parameters (N4, metrics, ...)")
+    p.add_argument("--out", type=Path, required=True, help="provenance JSON to write")
+    p.add_argument("--dataset-description", type=Path, required=True, help="the derivatives tree's dataset_description.json")
+
     from . import pipeline, training
 
     pipeline.add_stage_parsers(sub)
@@ -124,6 +133,16 @@ def _publish(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"{source}: restore did not make it (see the ledger in {args.folder})")
     io.publish(source, args.target)
     log.info("linked %s to %s", args.target, source)
+
+
+@_command("describe")
+def _describe(args: argparse.Namespace) -> None:
+    from . import io, provenance
+
+    run = provenance.describe_run(semantic_model=args.semantic_model, instance_model=args.instance_model, folds=args.folds,
+                                  parameters=args.parameters)
+    io.write_json(args.dataset_description, provenance.dataset_description(run))
+    io.write_json(args.out, run)  # last: what the stages read
 
 
 def main(argv: Sequence[str] | None = None) -> int:

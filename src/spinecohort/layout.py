@@ -22,6 +22,8 @@ LEVEL_VOLUMES: Final = "level_volumes.tsv"  # label-levels: image_id, region, le
 QC_TABLE: Final = "qc.parquet"  # summarize: one row per image (`cohort_qc.qc_table`)
 QC_FLAGS: Final = "qc_flags.tsv"  # summarize: the flagged images, worst first
 QC_REVIEW: Final = "qc_review.html"  # summarize: the worst images' snapshots and flags
+PROVENANCE: Final = "provenance.json"  # results/: versions, models and parameters of the run (`provenance`)
+DATASET_DESCRIPTION: Final = "dataset_description.json"  # the derivatives tree's (BIDS)
 
 
 class BatchStage(NamedTuple):
@@ -110,7 +112,9 @@ class Derivative(NamedTuple):
 # Every published result per image. restore also keeps the station-numbered vertebra mask in its folder.
 DERIVATIVES: Final = (
     Derivative("spine", "msk.nii.gz", "restore"),
+    Derivative("spine", "msk.json", "restore"),  # the provenance sidecar (BIDS)
     Derivative("vert", "msk.nii.gz", "label-levels"),
+    Derivative("vert", "msk.json", "label-levels"),
     Derivative("vert", "snp.png", "label-levels"),
 )
 SNAPSHOT: Final = ("vert", "snp.png")

@@ -280,13 +280,15 @@ def _publish(out: Path, row: pd.Series, derivatives: Path, command: str) -> None
             io.publish(out / name, derivative_path(derivatives, row, made.seg, made.suffix))
 
 
-def _restore(*, manifest: Path, batch: str, out: Path, input: Path, instances: Path, derivatives: Path) -> None:
+def _restore(*, manifest: Path, batch: str, out: Path, input: Path, instances: Path, derivatives: Path, provenance: Path) -> None:
     """Writes each image's masks on its own grid into `out` under their BIDS names (the vertebra mask numbered by
-    its station alone) and publishes the semantic mask."""
+    its station alone) and publishes the semantic mask with its provenance sidecar."""
+    from . import provenance as prov
     from .geometry import resample, spacing_of
     from .instances import claim_instances
 
     numbering = ledger_facts(instances, "numbering")
+    run = prov.read_run(provenance)
 
     def work(row: pd.Series) -> Outcome:
         image, affine = io.load_image(row.image)
@@ -296,8 +298,11 @@ def _restore(*, manifest: Path, batch: str, out: Path, input: Path, instances: P
         # Ids on the input grid, for exactly the semantic mask's structure voxels (SPINEPS's masks coincide too).
         instance, unclaimed = claim_instances(semantic, resample(vert, vert_affine, (image.shape, affine), kind="nearest"),
                                               spacing_of(affine), radius_mm=2 * max(spacing_of(vert_affine)))
-        io.save_nifti(out / layout.derivative_name(row.image_id, "spine"), semantic, affine, dtype=np.uint8)
-        io.save_nifti(out / layout.derivative_name(row.image_id, "vert"), instance, affine, dtype=np.uint16)
+        codes = io.header_codes(row.image)  # the masks say where they lie as the input does
+        io.save_nifti(out / layout.derivative_name(row.image_id, "spine"), semantic, affine, dtype=np.uint8, codes=codes)
+        io.save_nifti(out / layout.derivative_name(row.image_id, "vert"), instance, affine, dtype=np.uint16, codes=codes)
+        io.write_json(out / layout.derivative_name(row.image_id, "spine", "msk.json"), prov.sidecar(
+            run, source=str(row.image), description="semantic mask (SPINEPS labels), on the input image's grid"))
         _publish(out, row, derivatives, "restore")
         note = f"{unclaimed} structure voxels no instance claims: removed from both masks" if unclaimed else ""
         return {"message": note, "numbering": numbering[row.image_id], "unclaimed_voxels": str(unclaimed)}
@@ -319,14 +324,17 @@ def _image_folders(folders: Sequence[Path]) -> dict[str, Path]:
     return {image_id: folder for folder in folders for image_id in ledger_facts(folder, "image_id")}
 
 
-def _label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path], derivatives: Path) -> None:
+def _label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path], derivatives: Path, provenance: Path) -> None:
     """Subject-level ids (`subject_levels`) for the stations of a subject group: each station's vertebra mask with
-    those ids, its snapshot, and `layout.SUBJECT_LEVELS`; the masks restore numbered by station stay in its folder."""
+    those ids, its provenance sidecar, its snapshot, and `layout.SUBJECT_LEVELS`; the masks restore numbered by
+    station stay in its folder."""
+    from . import provenance as prov
     from .cohort_qc import image_measures, level_volumes
     from .qc import snapshot_png
     from .subject_levels import label_subject, relabel, station_vertebrae
 
     rows = group_rows(manifest, batch)
+    run = prov.read_run(provenance)
     folder_of = _image_folders(restore)
     own = {i: m for folder in restore for i, m in ledger_facts(folder, "numbering").items()}
     failed = upstream_failures(restore)
@@ -370,7 +378,11 @@ def _label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path],
         if row.image_id in result.maps:
             instance = relabel(instance, result.maps[row.image_id])
         mode = result.modes[row.image_id]
-        io.save_nifti(out / layout.derivative_name(row.image_id, "vert"), instance, affine, dtype=np.uint16)
+        io.save_nifti(out / layout.derivative_name(row.image_id, "vert"), instance, affine, dtype=np.uint16,
+                      codes=io.header_codes(row.image))
+        io.write_json(out / layout.derivative_name(row.image_id, "vert", "msk.json"), prov.sidecar(
+            run, source=str(row.image), description="vertebra instance mask (SPINEPS ids: vertebra, 100+ IVD, 200+ endplate)",
+            Numbering=mode, NumberingReason=result.reasons[row.image_id], StationNumbering=own[row.image_id]))
         image, image_affine = io.load_image(row.image)
         snapshot_png(out / layout.derivative_name(row.image_id, *layout.SNAPSHOT), image, instance, image_affine,
                      title=f"{row.image_id} ({row.region}, {mode})", names=_level_names(instance, counted=mode == "count"))
@@ -443,16 +455,18 @@ def _score(*, manifest: Path, batch: str, out: Path, input: Path, levels: list[P
 
 
 def _summarize(*, out: Path, structures: list[str], scores: list[Path], levels: list[Path], semantic: list[Path],
-               ledgers: list[Path], dataset: Path, review_images: int) -> None:
+               ledgers: list[Path], dataset: Path, review_images: int, provenance: Path) -> None:
     from . import summary
+    from .provenance import parquet_metadata, read_run
 
     out.mkdir(parents=True, exist_ok=True)
+    run = read_run(provenance)
+    metadata = parquet_metadata(run, assd_definition=str(run["parameters"]["metrics"]["assd"]))
     table = summary.read_scores([folder / layout.BATCH_SCORES for folder in scores])
-    summary.write_partitioned(table, dataset)
+    summary.write_partitioned(table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata}), dataset)
     rows = table.to_pandas()
     stats = summary.by_region(rows)
-    with io.atomic_path(out / "by_region.parquet") as tmp:
-        stats.to_parquet(tmp, index=False)
+    summary.write_parquet(out / "by_region.parquet", stats, metadata)
     s1 = summary.table_s1(stats, structures)
     n = rows.drop_duplicates("image_id").groupby("region").size()
     counts = ", ".join(f"{r}: n={n[r]}" for r in REGIONS if r in n)
@@ -464,14 +478,15 @@ def _summarize(*, out: Path, structures: list[str], scores: list[Path], levels: 
     subjects = [pd.read_csv(folder / layout.SUBJECT_LEVELS, sep="\t", dtype=str, keep_default_na=False) for folder in levels]
     io.write_tsv(out / layout.SUBJECT_LEVELS, pd.concat(subjects, ignore_index=True) if subjects
                  else pd.DataFrame(columns=list(SUBJECT_LEVEL_COLUMNS)))
-    _write_qc(out, levels, semantic, review_images)
+    _write_qc(out, levels, semantic, review_images, metadata)
     log.info("summarised %d score rows of %d images", len(rows), rows["image_id"].nunique())
 
 
-def _write_qc(out: Path, levels: list[Path], semantic: list[Path], review_images: int) -> None:
+def _write_qc(out: Path, levels: list[Path], semantic: list[Path], review_images: int, metadata: dict[bytes, bytes]) -> None:
     """qc.parquet, qc_flags.tsv and the review page (`cohort_qc`), from label-levels' and average-folds' outputs."""
     import os
 
+    from . import summary
     from .cohort_qc import qc_table, review_page
 
     def read(path: Path, **kwargs: Any) -> pd.DataFrame:
@@ -487,8 +502,7 @@ def _write_qc(out: Path, levels: list[Path], semantic: list[Path], review_images
     table = qc_table(images[columns],
                      pd.concat(agreement, ignore_index=True) if agreement else pd.DataFrame(columns=["image_id", "structure", "dsc"]),
                      pd.concat(volumes, ignore_index=True) if volumes else pd.DataFrame(columns=["image_id", "region", "level", "mm3"]))
-    with io.atomic_path(out / layout.QC_TABLE) as tmp:
-        table.to_parquet(tmp, index=False)
+    summary.write_parquet(out / layout.QC_TABLE, table, metadata)
     io.write_tsv(out / layout.QC_FLAGS, table[table["flags"] != ""][["image_id", "region", "score", "flags"]])
     snapshots = {r.image_id: os.path.relpath(Path(r.folder) / layout.derivative_name(r.image_id, *layout.SNAPSHOT), out)
                  for r in images.itertuples()}
@@ -502,6 +516,7 @@ def _option(*flags: str, **kwargs: Any) -> tuple[tuple[str, ...], dict[str, Any]
 
 _MODEL = _option("--model", type=model_folder, required=True, help="model folder or its inference_config.json")
 _DEVICE = _option("--device", default="auto", help=DEVICE_HELP)
+_PROVENANCE = _option("--provenance", type=Path, required=True, help=f"the run's {layout.PROVENANCE} (spinecohort describe)")
 _BATCH_OPTIONS = (
     _option("--manifest", type=Path, required=True, help="cohort manifest TSV"),
     _option("--batch", required=True, help="batch id, e.g. b0001"),
@@ -530,10 +545,10 @@ STAGE_COMMANDS: dict[str, tuple[Callable[..., None], str, tuple[tuple[tuple[str,
     "restore": (_restore, "semantic and instance masks back onto the input grid, SPINEPS names, QC snapshot", (
         _option("--input", type=Path, required=True, help="the batch's semantic folder"),
         _option("--instances", type=Path, required=True, help="the batch's instance folder"),
-        _option("--derivatives", type=Path, required=True, help="BIDS derivatives root"))),
+        _option("--derivatives", type=Path, required=True, help="BIDS derivatives root"), _PROVENANCE)),
     "label-levels": (_label_levels, "subject-level vertebra ids across a subject group's stations, snapshots", (
         _option("--restore", type=Path, nargs="+", required=True, help="the restore folders of every batch holding the group's stations"),
-        _option("--derivatives", type=Path, required=True, help="BIDS derivatives root"))),
+        _option("--derivatives", type=Path, required=True, help="BIDS derivatives root"), _PROVENANCE)),
     "score": (_score, "DSC and ASSD per structure against the manifest's reference masks", (
         _option("--input", type=Path, required=True, help="the batch's restore folder (its semantic masks)"),
         _option("--levels", type=Path, nargs="+", required=True, help="the label-levels folders holding the batch's vertebra masks"),
@@ -546,7 +561,7 @@ STAGE_COMMANDS: dict[str, tuple[Callable[..., None], str, tuple[tuple[tuple[str,
         _option("--review-images", type=int, required=True, help=f"images on the QC review page ({layout.QC_REVIEW})"),
         _option("--ledgers", type=Path, nargs="*", default=[], help=f"{layout.LEDGER} files of every stage"),
         _option("--structures", type=json.loads, required=True, help="JSON list: Table S1 row order"),
-        _option("--dataset", type=Path, required=True, help="partitioned score dataset folder"),
+        _option("--dataset", type=Path, required=True, help="partitioned score dataset folder"), _PROVENANCE,
         _option("--out", type=Path, required=True, help="summary folder"))),
 }  # fmt: skip
 

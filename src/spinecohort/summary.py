@@ -185,6 +185,15 @@ def write_scores(path: Path, table: pd.DataFrame) -> None:
         pq.write_table(data, tmp)
 
 
+def write_parquet(path: Path, frame: pd.DataFrame, metadata: dict[bytes, bytes]) -> None:
+    """A summary table as one parquet file, written atomically, with the run's key-value metadata (`provenance`)."""
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    with io.atomic_path(path) as tmp:
+        pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata}), tmp)
+
+
 def read_scores(files: Sequence[Path]) -> pa.Table:
     """All score files as one Arrow table (pyarrow reads them in parallel, no per-file Python)."""
     return ds.dataset([str(f) for f in files], format="parquet", schema=SCORE_SCHEMA).to_table()

@@ -137,6 +137,7 @@ def get_final_output(wildcards):
         SUMMARY / "by_region.parquet",
         SUMMARY / layout.SUBJECT_LEVELS,
         SUMMARY / layout.QC_TABLE,
+        DERIVATIVES / layout.DATASET_DESCRIPTION,
         *get_missing_derivatives(),
     ]
 
@@ -259,4 +260,4 @@ wildcard_constraints:
     subject_folder=r"sub-[^/]+(/ses-[^/]+)?/anat",
     image_id=r"[^/]+",
     seg=r"[a-z]+",
-    suffix=r"msk\.nii\.gz|snp\.png",
+    suffix=r"msk\.nii\.gz|msk\.json|snp\.png",

@@ -6,6 +6,7 @@ rule label_levels:
     input:
         manifest=ancient(MANIFEST),
         restore=get_group_restore_folders,
+        provenance=rules.describe.output.provenance,
     output:
         report(
             directory(stage_dir("label-levels")),
@@ -18,8 +19,6 @@ rule label_levels:
         LOGS / "label_levels" / "{batch}.log",
     benchmark:
         BENCH / "label_levels" / "{batch}.tsv"
-    conda:
-        "../../envs/spinecohort.yaml"
     threads: 1
     resources:
         mem_mb=memory_mb(2000),
@@ -29,7 +28,8 @@ rule label_levels:
         derivatives=DERIVATIVES,
     shell:
         "spinecohort label-levels --manifest {input.manifest} --batch {wildcards.batch}"
-        " --restore {input.restore} --derivatives {params.derivatives} --out {output} &> {log}"
+        " --restore {input.restore} --derivatives {params.derivatives} --provenance {input.provenance}"
+        " --out {output} &> {log}"
 
 
 rule publish_derivative:
@@ -44,7 +44,5 @@ rule publish_derivative:
         / "{subject_folder}"
         / "{image_id}_{seg}_{suffix}.log",
     localrule: True
-    conda:
-        "../../envs/spinecohort.yaml"
     shell:
         "spinecohort publish {input.made} {output} &> {log}"

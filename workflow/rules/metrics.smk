@@ -12,8 +12,6 @@ rule score:
         LOGS / "score" / "{batch}.log",
     benchmark:
         BENCH / "score" / "{batch}.tsv"
-    conda:
-        "../../envs/spinecohort.yaml"
     threads: 1
     resources:
         mem_mb=memory_mb(2000),
@@ -34,6 +32,7 @@ rule summarize:
         levels=expand(stage_dir("label-levels"), batch=get_groups()),
         semantic=expand(stage_dir("average-folds"), batch=get_batches()),
         ledgers=get_ledger_folders,
+        provenance=rules.describe.output.provenance,
     output:
         dataset=directory(RESULTS / "scores"),
         by_region=SUMMARY / "by_region.parquet",
@@ -76,8 +75,6 @@ rule summarize:
         LOGS / "summarize.log",
     benchmark:
         BENCH / "summarize.tsv"
-    conda:
-        "../../envs/spinecohort.yaml"
     threads: 1
     resources:
         mem_mb=memory_mb(4000),
@@ -92,4 +89,4 @@ rule summarize:
     shell:
         "spinecohort summarize --scores {input.scores} --levels {input.levels} --semantic {input.semantic}"
         " --ledgers {params.ledgers} --structures {params.structures} --review-images {params.review}"
-        " --dataset {output.dataset} --out {params.folder} &> {log}"
+        " --dataset {output.dataset} --provenance {input.provenance} --out {params.folder} &> {log}"

@@ -10,8 +10,6 @@ rule predict_fold:
         LOGS / "predict_fold" / "{batch}_fold{fold}.log",
     benchmark:
         BENCH / "predict_fold" / "{batch}_fold{fold}.tsv"
-    conda:
-        "../../envs/spinecohort.yaml"
     threads: 2
     resources:
         gpu=1 if config["device"] != "cpu" else 0,
@@ -37,8 +35,6 @@ rule average_folds:
         LOGS / "average_folds" / "{batch}.log",
     benchmark:
         BENCH / "average_folds" / "{batch}.tsv"
-    conda:
-        "../../envs/spinecohort.yaml"
     threads: 1
     resources:
         mem_mb=memory_mb(4000),
@@ -54,14 +50,13 @@ rule restore:
         manifest=ancient(MANIFEST),
         semantic=stage_dir("average-folds"),
         instances=stage_dir("assemble-instances"),
+        provenance=rules.describe.output.provenance,
     output:
         directory(stage_dir("restore")),
     log:
         LOGS / "restore" / "{batch}.log",
     benchmark:
         BENCH / "restore" / "{batch}.tsv"
-    conda:
-        "../../envs/spinecohort.yaml"
     threads: 1
     resources:
         mem_mb=memory_mb(2000),
@@ -71,4 +66,4 @@ rule restore:
     shell:
         "spinecohort restore --manifest {input.manifest} --batch {wildcards.batch}"
         " --input {input.semantic} --instances {input.instances}"
-        " --derivatives {params.derivatives} --out {output} &> {log}"
+        " --derivatives {params.derivatives} --provenance {input.provenance} --out {output} &> {log}"
