@@ -7,8 +7,6 @@ rule demo_cohort:
         manifest=RESULTS / "demo" / "cohort.tsv",
     log:
         LOGS / "demo_cohort.log",
-    conda:
-        "../../envs/spinecohort.yaml"
     params:
         subjects=config["demo"]["subjects"],
         seed=config["demo"]["seed"],

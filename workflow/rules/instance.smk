@@ -12,8 +12,6 @@ rule assemble_instances:
         LOGS / "assemble_instances" / "{batch}.log",
     benchmark:
         BENCH / "assemble_instances" / "{batch}.tsv"
-    conda:
-        "../../envs/spinecohort.yaml"
     threads: 2
     resources:
         mem_mb=memory_mb(6000),

@@ -7,8 +7,6 @@ rule bias_correct:
         LOGS / "bias_correct" / "{batch}.log",
     benchmark:
         BENCH / "bias_correct" / "{batch}.tsv"
-    conda:
-        "../../envs/spinecohort.yaml"
     threads: 2
     resources:
         mem_mb=memory_mb(3000),
@@ -35,8 +33,6 @@ rule resample:
         LOGS / "resample" / "{batch}.log",
     benchmark:
         BENCH / "resample" / "{batch}.tsv"
-    conda:
-        "../../envs/spinecohort.yaml"
     threads: 1
     resources:
         mem_mb=memory_mb(2000),

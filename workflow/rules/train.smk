@@ -42,8 +42,6 @@ rule demo_training_cohort:
         manifest=RESULTS / "training" / "demo_cohort" / "cohort.tsv",
     log:
         LOGS / "demo_training_cohort.log",
-    conda:
-        "../../envs/spinecohort.yaml"
     params:
         subjects=TRAIN["demo"]["subjects"],
         seed=TRAIN["demo"]["seed"],
@@ -63,8 +61,6 @@ rule semantic_training_data:
         splits=TRAIN_ROOT / "nnUNet_raw" / NNUNET_DATASET / "splits_final.json",
     log:
         LOGS / "train" / "semantic_training_data.log",
-    conda:
-        "../../envs/spinecohort.yaml"
     threads: 2
     params:
         root=TRAIN_ROOT,
@@ -86,8 +82,6 @@ rule plan_semantic_training:
         plans=TRAIN_ROOT / "nnUNet_preprocessed" / NNUNET_DATASET / "nnUNetPlans.json",
     log:
         LOGS / "train" / "plan_semantic_training.log",
-    conda:
-        "../../envs/spinecohort.yaml"
     threads: 2
     params:
         root=TRAIN_ROOT,
@@ -115,8 +109,6 @@ rule train_semantic_fold:
         LOGS / "train" / "semantic_fold{fold}.log",
     benchmark:
         BENCH / "train" / "semantic_fold{fold}.tsv"
-    conda:
-        "../../envs/spinecohort.yaml"
     threads: 2
     resources:
         gpu=1 if config["device"] != "cpu" else 0,
@@ -146,8 +138,6 @@ rule export_semantic_model:
         ),
     log:
         LOGS / "train" / "export_semantic_model.log",
-    conda:
-        "../../envs/spinecohort.yaml"
     params:
         root=TRAIN_ROOT,
         folder=TRAINED_SEMANTIC,
@@ -169,8 +159,6 @@ rule train_instance_model:
         LOGS / "train" / "instance_model.log",
     benchmark:
         BENCH / "train" / "instance_model.tsv"
-    conda:
-        "../../envs/spinecohort.yaml"
     threads: 2
     resources:
         gpu=1 if config["device"] != "cpu" else 0,
