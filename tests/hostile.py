@@ -56,4 +56,16 @@ def bad_images(folder: Path, good: Path) -> dict[str, tuple[Path, str]]:
     scaled.header.set_slope_inter(1e36, 0)  # int16 x slope overflows float32
     nib.save(scaled, folder / "overflow.nii.gz")
     cases["overflow"] = (folder / "overflow.nii.gz", "NaN or Inf")
+    # qform and sform disagree (here by 12 mm along x): ITK tools read one, nibabel the other.
+    moved = aff.copy()
+    moved[0, 3] += 12
+    two_headers = nib.Nifti1Image(data, None)
+    two_headers.set_qform(aff, code=1)
+    two_headers.set_sform(moved, code=2)
+    nib.save(two_headers, folder / "qform_sform.nii.gz")
+    cases["qform_sform"] = (folder / "qform_sform.nii.gz", "qform (code 1) and sform (code 2) disagree")
+    rgb = np.zeros(data.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb["R"] = np.clip(data, 0, 255).astype(np.uint8)
+    nib.save(nib.Nifti1Image(rgb, aff), folder / "rgb.nii.gz")
+    cases["rgb"] = (folder / "rgb.nii.gz", "RGB")
     return cases

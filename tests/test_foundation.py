@@ -248,6 +248,16 @@ def test_license_and_citation_agree_with_the_package():
     assert [citation["preferred-citation"]["doi"], *(r["doi"] for r in citation["references"])] == [
         "10.1007/s00330-024-11155-y", "10.1038/s41592-020-01008-z"]
 
+
+@pytest.mark.parametrize("codes", [(1, 1), (0, 2), (2, 0), (1, 4)])
+def test_masks_keep_the_header_codes_they_are_given(tmp_path: Path, codes):
+    affine = np.diag([0.9, 1.1, 4.4, 1.0])
+    affine[:3, 3] = (-80.0, 12.5, 30.0)
+    path = tmp_path / "mask.nii.gz"
+    io.save_nifti(path, np.ones((4, 5, 6), np.uint8), affine, dtype=np.uint8, codes=codes)
+    assert io.header_codes(path) == codes
+    assert np.allclose(io.load_mask(path)[1], affine)  # whichever form is set says the same
+
 # One bad value per case: the manifest schema (the Snakefile's check) and cohort.check_manifest
 # (every CLI stage's) must agree on each.
 MANIFEST_CASES = [

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from hostile import bad_images
 
-from spinecohort import cohort, layout
+from spinecohort import cohort, io, layout
 
 ROOT = Path(__file__).resolve().parents[1]
 CRASH_HOOK = ROOT / "tests" / "crash"  # sitecustomize.py: SIGKILL at the n-th rename of one subcommand
@@ -142,6 +142,12 @@ def test_a_hostile_cohort_fails_only_its_bad_images(demo_local_run: Path, tmp_pa
     for name, edit in (("flipped", _flip_first_axis), ("oblique", _tilt)):
         variants[name] = add(name, _variant(folder, template.image, name, edit),
                              **{k: str(_variant(folder, v, f"{name}_{k}", edit)) for k, v in references.items()})
+    # The same station with other header codes (no qform, sform 'aligned'): its masks keep them.
+    recoded = nib.load(_variant(folder, template.image, "recoded", same))
+    recoded.set_qform(None, code=0)
+    recoded.set_sform(recoded.affine, code=2)
+    nib.save(recoded, folder / "recoded_codes.nii.gz")
+    variants["recoded"] = add("recoded", folder / "recoded_codes.nii.gz", **references)
 
     manifest = folder / "cohort.tsv"
     pd.concat([good, pd.DataFrame(rows)], ignore_index=True).to_csv(manifest, sep="\t", index=False)
@@ -164,7 +170,7 @@ def test_a_hostile_cohort_fails_only_its_bad_images(demo_local_run: Path, tmp_pa
     # demo numbers them across each subject's stations (the snapshot's title and the levels flag say so).
     clean, hostile = digests(demo_local_run), digests(results)
     mine = [k for k in clean if k.startswith("derivatives") and any(i in k for i in good.image_id)]
-    assert len(mine) == 3 * len(good) and all(hostile[k] == clean[k] for k in mine if k.endswith("_msk.nii.gz"))
+    assert len(mine) == len(layout.DERIVATIVES) * len(good) and all(hostile[k] == clean[k] for k in mine if k.endswith("_msk.nii.gz"))
     scores = {run: pd.read_parquet(run / "scores") for run in (demo_local_run, results)}
     scores = {run: table[table.image_id.isin(good.image_id)].sort_values(["image_id", "structure", "metric"]).reset_index(drop=True)
               for run, table in scores.items()}
@@ -180,6 +186,12 @@ def test_a_hostile_cohort_fails_only_its_bad_images(demo_local_run: Path, tmp_pa
     dsc = scores[results][(scores[results].metric == "DSC") & (scores[results].structure == "Vertebra")].set_index("image_id").value
     for image_id in variants.values():
         assert abs(dsc[image_id] - dsc[template.image_id]) < 0.03, (image_id, dsc[image_id], dsc[template.image_id])
+    derivatives = results / "derivatives" / "spinecohort"
+    for seg in ("spine", "vert"):
+        recoded_mask = layout.derivative(derivatives, "recoded", "", variants["recoded"], seg)
+        assert io.header_codes(recoded_mask) == (0, 2), seg
+        flipped = layout.derivative(derivatives, "flipped", "", variants["flipped"], seg)
+        assert io.header_codes(flipped) == io.header_codes(folder / "flipped.nii.gz"), seg
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")

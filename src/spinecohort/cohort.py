@@ -169,9 +169,9 @@ def check_manifest(table: pd.DataFrame, *, source: str = "manifest", require_bat
     ]
     # Column-wise checks (a 90,000-row manifest is read by every Snakemake invocation).
     checks = [
-        ("subject", ~table.subject.str.fullmatch(SAFE_ID.pattern[1:-1]), "unsafe subject id {!r} (letters and digits only)"),
+        ("subject", ~table.subject.str.fullmatch(SAFE_ID.pattern[1:-1]), "unsafe subject id {!r} (ASCII letters and digits only: A-Z, a-z, 0-9)"),
         ("session", (table.session != "") & ~table.session.str.fullmatch(SAFE_ID.pattern[1:-1]),
-         "unsafe session id {!r} (letters and digits only)"),
+         "unsafe session id {!r} (ASCII letters and digits only: A-Z, a-z, 0-9)"),
         ("image_id", ~table.image_id.str.fullmatch(SAFE_IMAGE_ID.pattern[1:-1]) | table.image_id.str.contains("..", regex=False),
          "unsafe image_id {!r}"),
         ("region", ~table.region.isin(REGIONS), "region {!r} is not one of " + ", ".join(REGIONS)),

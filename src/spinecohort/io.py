@@ -44,6 +44,8 @@ MAX_SPACING_MM = 50.0
 MIN_SPACING_MM = 1e-3
 # Largest |cos| between two voxel axes still taken as orthogonal (float32 headers round).
 SHEAR_TOLERANCE = 1e-3
+# qform and sform may differ by float32 rounding of the quaternion, no more (mm, per affine element).
+HEADER_TOLERANCE_MM = 1e-3
 
 
 # The process's umask, read once (setting it is the only way to read it).
@@ -166,7 +168,31 @@ def _open(path: Path) -> nib.Nifti1Image:
         raise _fail(path, f"not a readable NIfTI image ({type(exc).__name__}: {exc})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise _fail(path, f"not a NIfTI image ({type(img).__name__})")
+    dtype = img.get_data_dtype()
+    if dtype.fields is not None or dtype.kind not in "biuf":
+        kind = "RGB" if dtype.names and set(dtype.names) >= {"R", "G", "B"} else "not scalar"
+        raise _fail(path, f"voxel type {dtype} is {kind}: expected one scalar intensity per voxel")
+    _check_header_geometry(path, img)
     return img
+
+
+def _check_header_geometry(path: Path, img: nib.Nifti1Image) -> None:
+    """qform and sform, where both are set, must say the same: tools differ in which they read
+    (ITK prefers the qform, nibabel the sform), so which one is right is not ours to guess."""
+    header = img.header
+    qcode, scode = int(header["qform_code"]), int(header["sform_code"])
+    if qcode > 0 and scode > 0:
+        qform, sform = header.get_qform(), header.get_sform()
+        if not np.allclose(qform, sform, atol=HEADER_TOLERANCE_MM):
+            worst = float(np.abs(qform - sform).max())
+            raise _fail(path, f"qform (code {qcode}) and sform (code {scode}) disagree (by up to {worst:.3g} mm): "
+                              f"ITK tools read the qform, nibabel the sform; fix the header, or clear one (code 0)")
+
+
+def header_codes(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(qform code, sform code) of a NIfTI file: outputs on its grid keep them."""
+    header = _open(Path(path)).header
+    return int(header["qform_code"]), int(header["sform_code"])
 
 
 def _check_affine(path: Path, affine: NDArray[np.float64]) -> None:
@@ -187,12 +213,15 @@ def save_nifti(
     affine: NDArray[np.float64],
     *,
     dtype: Any | None = None,
+    codes: tuple[int, int] = (1, 1),
 ) -> None:
-    """Write `data` with `affine` (sform and qform, NIfTI code 'scanner') atomically."""
+    """Write `data` with `affine` atomically; `codes` (qform, sform; default 'scanner' both, as is the input's
+    with `header_codes`): a form whose code is 0 is left unset."""
     arr = np.asarray(data, dtype=dtype) if dtype is not None else np.asarray(data)
     img = nib.Nifti1Image(arr, affine)
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
+    qcode, scode = codes
+    img.set_sform(affine if scode else None, code=scode)
+    img.set_qform(affine if qcode else None, code=qcode)
     img.header.set_xyzt_units("mm")
     with atomic_path(path) as tmp:
         nib.save(img, tmp)
