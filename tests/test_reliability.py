@@ -68,7 +68,7 @@ def test_a_deleted_derivative_is_planned_and_relinked_to_the_same_bytes(demo_loc
     """The BIDS tree is the stages' published view: `snakemake -n` plans exactly what was deleted, nothing else reruns."""
     before = digests(demo_local_run)
     tree = demo_local_run / "derivatives" / "spinecohort"
-    deleted = [next(tree.rglob("*chunk-LWS_mod-T2w_seg-vert_msk.nii.gz")), next(tree.rglob("*chunk-HWS_mod-T2w_seg-vert_snp.png"))]
+    deleted = [next(tree.rglob("*chunk-LWS_mod-T2w_seg-vert_msk.nii.gz")), next(tree.rglob("*chunk-HWS_mod-T2w_seg-spine_snp.png"))]
     for path in deleted:
         path.unlink()
     plan = demo(demo_local_run, "-n", "--quiet", "rules")

@@ -201,7 +201,7 @@ def test_the_demo_qc_flags_exactly_the_misnamed_discs_and_the_review_page_links_
     assert table["flags"].str.contains("folds_disagree").all() and (table.fold_agreement < 0.8).all()
     review = (demo_local_run / "summary" / layout.QC_REVIEW).read_text()
     for image_id in table.image_id[:3]:
-        link = re.search(f'src="([^"]*{image_id}_mod-T2w_seg-vert_snp.png)"', review)
+        link = re.search(f'src="([^"]*{image_id}_mod-T2w_seg-spine_snp.png)"', review)
         assert link and (demo_local_run / "summary" / link.group(1)).read_bytes()[:4] == b"\x89PNG"
     flags = pd.read_csv(demo_local_run / "summary" / layout.QC_FLAGS, sep="\t")
     assert list(flags.image_id) == list(table.image_id[table["flags"] != ""])

@@ -115,14 +115,14 @@ DERIVATIVES: Final = (
     Derivative("spine", "msk.json", "restore"),  # the provenance sidecar (BIDS)
     Derivative("vert", "msk.nii.gz", "label-levels"),
     Derivative("vert", "msk.json", "label-levels"),
-    Derivative("vert", "snp.png", "label-levels"),
+    Derivative("spine", "snp.png", "label-levels"),  # SPINEPS's name: image | semantic | instances
 )
-SNAPSHOT: Final = ("vert", "snp.png")
+SNAPSHOT: Final = ("spine", "snp.png")
 DERIVATIVE_NAME: Final = "{image_id}_mod-T2w_seg-{seg}_{suffix}"
 
 
 def derivative_name(image_id: str, seg: str, suffix: str = "msk.nii.gz") -> str:
-    """SPINEPS/BIDS-derivative file name of a result, e.g. ``…_mod-T2w_seg-spine_msk.nii.gz`` or ``…_seg-vert_snp.png``."""
+    """SPINEPS/BIDS-derivative file name of a result, e.g. ``…_mod-T2w_seg-spine_msk.nii.gz`` or ``…_seg-spine_snp.png``."""
     return DERIVATIVE_NAME.format(image_id=image_id, seg=seg, suffix=suffix)
 
 

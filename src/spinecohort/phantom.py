@@ -560,7 +560,7 @@ def write_cohort(
             io.save_nifti(ref / anat / f"{stem}_mod-T2w_seg-vert_msk.nii.gz", ph.instance, ph.affine, dtype=np.uint16)
             io.save_nifti(ref / anat / f"{stem}_desc-bias_T2w.nii.gz", ph.bias, ph.affine, dtype=np.float32)
             if snapshot:
-                qc.snapshot_png(out / "snapshots" / f"{stem}_snapshot.png", ph.image, ph.semantic, ph.affine,
+                qc.snapshot_png(out / "snapshots" / f"{stem}_snapshot.png", ph.image, ph.semantic, ph.instance, ph.affine,
                                 title=f"{stem} ({region}, preset {preset}, seed {seed})")
     manifest_path = out / "cohort.tsv"
     rows = cohort.manifest_from_bids(raw, references=ref)

@@ -27,7 +27,7 @@ import pandas as pd
 from . import cohort, io, layout
 from .defaults import DEVICE_HELP
 from .defaults import N4 as N4_DEFAULTS
-from .labels import ENDPLATE_OFFSET, IVD_OFFSET, REGIONS, SEMANTIC_NAMES
+from .labels import IVD_OFFSET, REGIONS, SACRUM, SEMANTIC_NAMES
 from .labels import VERTEBRA_NAMES as L_NAMES
 from .metrics import ASSD_DEFINITIONS
 from .semantic import Fold, parse_fold
@@ -256,19 +256,10 @@ def derivative_path(root: Path, row: pd.Series, seg: str, suffix: str = "msk.nii
 
 
 def _level_names(instance: np.ndarray, counted: bool) -> dict[int, str]:
-    """Legend names: levels (C2, L5/S1 …), or '#k' (k-th from the top) where the ids are a count from 2."""
-    def name(x: int) -> str:
-        return f"#{x - 1}" if counted else L_NAMES.get(x, str(x))
-    names = {}
-    for v in np.unique(instance):
-        v = int(v)
-        if 0 < v < IVD_OFFSET:
-            names[v] = name(v)
-        elif v >= ENDPLATE_OFFSET:
-            names[v] = f"endplates {name(v - ENDPLATE_OFFSET)}"
-        elif v >= IVD_OFFSET:
-            names[v] = f"IVD below {name(v - IVD_OFFSET)}"
-    return names
+    """The snapshot legend's vertebra names: levels (C2 … L5, S1), or '#k' (k-th from the top) where the ids are a
+    count from 2. IVDs and endplates need none: they wear their vertebra's colour."""
+    return {int(v): f"#{int(v) - 1}" if counted and v != SACRUM else L_NAMES.get(int(v), str(v))
+            for v in np.unique(instance) if 0 < v < IVD_OFFSET}
 
 
 def _publish(out: Path, row: pd.Series, derivatives: Path, command: str) -> None:
@@ -384,7 +375,7 @@ def _label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path],
             run, source=str(row.image), description="vertebra instance mask (SPINEPS ids: vertebra, 100+ IVD, 200+ endplate)",
             Numbering=mode, NumberingReason=result.reasons[row.image_id], StationNumbering=own[row.image_id]))
         image, image_affine = io.load_image(row.image)
-        snapshot_png(out / layout.derivative_name(row.image_id, *layout.SNAPSHOT), image, instance, image_affine,
+        snapshot_png(out / layout.derivative_name(row.image_id, *layout.SNAPSHOT), image, semantic, instance, image_affine,
                      title=f"{row.image_id} ({row.region}, {mode})", names=_level_names(instance, counted=mode == "count"))
         _publish(out, row, derivatives, "label-levels")
         measures = image_measures(instance, semantic, affine)
