@@ -120,3 +120,42 @@ def test_spineps_loads_our_models_and_segments_like_us(demo_local_run: Path, tmp
     report = pd.DataFrame(table).round(4).to_markdown(index=False)
     (tmp_path / "parity.md").write_text(report + "\n")
     print("\n" + report)
+
+
+# Run in the SPINEPS environment: TPTBox reads our centroid file, and computes each vertebra's centre of mass
+# from our published mask with its own `calc_centroids`. (SPINEPS 2.1.3 calls `calc_poi_from_subreg_vert`, whose
+# points lay 4-10 voxels off the instances' centres of mass on a demo lumbar station with TPTBox 1.1.0: not copied.)
+TPTBOX_CENTROIDS = """
+import json, sys
+from TPTBox import NII, POI, calc_centroids
+ours = POI.load(sys.argv[1])
+vert = NII.load(sys.argv[2], True)
+theirs = calc_centroids(vert.map_labels({k: 0 for k in range(100, 300)}, verbose=False), second_stage=50)
+print(json.dumps({"grid": [list(ours.orientation), list(ours.zoom), list(ours.shape), vert.orientation, list(vert.zoom), list(vert.shape)],
+                  "ours": {f"{k}": list(map(float, p)) for k, s, p in ours.items()},
+                  "theirs": {f"{k}": list(map(float, p)) for k, s, p in theirs.items()}}))
+"""
+
+
+@pytest.mark.interop
+def test_tptbox_reads_our_centroid_files_as_spineps_would_compute_them(demo_local_run: Path):
+    import json
+
+    python = spineps_python()
+    manifest = pd.read_csv(demo_local_run / "demo" / "cohort.tsv", sep="\t", dtype=str, keep_default_na=False)
+    derivatives = demo_local_run / "derivatives" / "spinecohort"
+    checked = 0
+    for row in manifest[manifest.subject == "phantom0001"].itertuples():
+        files = [layout.derivative(derivatives, row.subject, row.session, row.image_id, *kind)
+                 for kind in (layout.CENTROIDS, ("vert", "msk.nii.gz"))]  # fmt: skip
+        proc = subprocess.run([python, "-c", TPTBOX_CENTROIDS, *map(str, files)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        found = json.loads(proc.stdout.strip().splitlines()[-1])
+        ours_grid, mask_grid = found["grid"][:3], found["grid"][3:]
+        assert ours_grid[0] == mask_grid[0] and np.allclose(ours_grid[1], mask_grid[1]) and ours_grid[2] == mask_grid[2]
+        ours, theirs = found["ours"], found["theirs"]
+        assert set(theirs) == set(ours) and len(theirs) >= 5, (row.region, sorted(ours), sorted(theirs))
+        for k, point in theirs.items():
+            assert np.allclose(ours[k], point, atol=0.011), (row.region, k, ours[k], point)
+        checked += len(theirs)
+    assert checked >= 25

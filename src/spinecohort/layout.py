@@ -116,8 +116,10 @@ DERIVATIVES: Final = (
     Derivative("vert", "msk.nii.gz", "label-levels"),
     Derivative("vert", "msk.json", "label-levels"),
     Derivative("spine", "snp.png", "label-levels"),  # SPINEPS's name: image | semantic | instances
+    Derivative("spine", "ctd.json", "label-levels"),  # vertebra centroids, SPINEPS's POI file (`centroids`)
 )
 SNAPSHOT: Final = ("spine", "snp.png")
+CENTROIDS: Final = ("spine", "ctd.json")
 DERIVATIVE_NAME: Final = "{image_id}_mod-T2w_seg-{seg}_{suffix}"
 
 

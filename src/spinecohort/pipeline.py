@@ -320,6 +320,7 @@ def _label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path],
     those ids, its provenance sidecar, its snapshot, and `layout.SUBJECT_LEVELS`; the masks restore numbered by
     station stay in its folder."""
     from . import provenance as prov
+    from .centroids import poi_json
     from .cohort_qc import image_measures, level_volumes
     from .qc import snapshot_png
     from .subject_levels import label_subject, relabel, station_vertebrae
@@ -371,6 +372,8 @@ def _label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path],
         mode = result.modes[row.image_id]
         io.save_nifti(out / layout.derivative_name(row.image_id, "vert"), instance, affine, dtype=np.uint16,
                       codes=io.header_codes(row.image))
+        io.write_json(out / layout.derivative_name(row.image_id, *layout.CENTROIDS), poi_json(
+            instance, affine, {"source": "spinecohort", "version": run["software"]["spinecohort"], "numbering": mode}))
         io.write_json(out / layout.derivative_name(row.image_id, "vert", "msk.json"), prov.sidecar(
             run, source=str(row.image), description="vertebra instance mask (SPINEPS ids: vertebra, 100+ IVD, 200+ endplate)",
             Numbering=mode, NumberingReason=result.reasons[row.image_id], StationNumbering=own[row.image_id]))

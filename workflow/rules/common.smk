@@ -260,4 +260,4 @@ wildcard_constraints:
     subject_folder=r"sub-[^/]+(/ses-[^/]+)?/anat",
     image_id=r"[^/]+",
     seg=r"[a-z]+",
-    suffix=r"msk\.nii\.gz|msk\.json|snp\.png",
+    suffix=r"msk\.nii\.gz|msk\.json|snp\.png|ctd\.json",
