@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spinecohort import geometry, instances
+from spinecohort import geometry, instances, layout
 from spinecohort import labels as L
-from spinecohort.phantom import PRESETS, make_subject, render_station
+from spinecohort.phantom import PRESETS, make_subject, render_station, voxel_world
 
-SPACING = (1.875, 1.875, 4.4)  # the small preset's grid, so the round trip to instance space is exact
-MODEL = instances.InstanceModel(path=Path("."), orientation=("P", "I", "R"), spacing=SPACING, cutout=(64, 64, 16),
-                                corpus_min_voxels=10, vertebra_min_voxels=20)
+# The demo instance model's grid: the small preset's, its 4.4 mm slices halved, so the round trip is exact.
+SPACING = (1.875, 1.875, 2.2)
+MODEL = instances.InstanceModel(path=Path("."), orientation=("P", "I", "R"), spacing=SPACING, cutout=(72, 88, 32))
 
 
 def to_instance_space(ph):
@@ -110,9 +110,12 @@ def test_a_merged_body_is_split_into_two_centres():
     merged[disc | np.isin(ref, [L.ENDPLATE_OFFSET + l3])] = L.CORPUS
     after = instances.corpus_centres(merged, min_voxels=10)
     assert len(after) == len(before)
-    body = lambda k: np.argwhere((ref == k) & (seg == L.CORPUS)).mean(axis=0)  # noqa: E731
-    for k in (l3, l4):
-        assert np.min(np.linalg.norm(after - body(k), axis=1)) < 4.0  # voxels
+    vertebrae = [k for k in np.unique(ref[seg == L.CORPUS]) if 0 < k < L.IVD_OFFSET and k != L.SACRUM]
+    body = {k: np.argwhere((ref == k) & (seg == L.CORPUS)).mean(axis=0) for k in vertebrae}
+    nearest = [min(vertebrae, key=lambda k: np.linalg.norm(c - body[k])) for c in after]
+    assert {l3, l4} <= set(nearest) and len(set(nearest)) == len(after)  # one centre in each of the merged bodies
+    for k in (l3, l4):  # the halves carry half a disc each: within 6 voxels (11 mm) of the true body centre
+        assert np.min(np.linalg.norm(after - body[k], axis=1)) < 6.0
 
 
 def test_sacrum_is_26_in_a_lumbar_station():
@@ -175,11 +178,17 @@ def test_network_path_runs_through_the_stage_cli(small_cohort, tmp_path):
     for row in batch.itertuples():
         vert, affine = io.load_mask(tmp_path / "instances" / f"{row.image_id}_seg-vert-raw_msk.nii.gz")
         assert nib_codes(affine) == ("P", "I", "R")
+    provenance = tmp_path / "provenance.json"
+    subprocess.run(["spinecohort", "describe", "--semantic-model", Path(__file__).parents[1] / "resources" / "demo_models" / "semantic",
+                    "--instance-model", model, "--folds", "0", "--parameters", '{"n4": {}}', "--out", provenance,
+                    "--dataset-description", tmp_path / "derivatives" / "dataset_description.json"], check=True, capture_output=True)
     subprocess.run(["spinecohort", "restore", *common, "--input", semantic, "--instances", tmp_path / "instances",
-                    "--derivatives", tmp_path / "derivatives", "--out", tmp_path / "restore"], check=True, capture_output=True)
+                    "--derivatives", tmp_path / "derivatives", "--provenance", provenance, "--out", tmp_path / "restore"],
+                   check=True, capture_output=True)
     # The subject group b0001 also holds the subjects' thoracic stations (batch b0002), not restored here.
     subprocess.run(["spinecohort", "label-levels", *common, "--restore", tmp_path / "restore",
-                    "--derivatives", tmp_path / "derivatives", "--out", tmp_path / "levels"], check=True, capture_output=True)
+                    "--derivatives", tmp_path / "derivatives", "--provenance", provenance, "--out", tmp_path / "levels"],
+                   check=True, capture_output=True)
     ledger = pd.read_csv(tmp_path / "levels" / "ledger.tsv", sep="\t", dtype=str, keep_default_na=False).set_index("image_id")
     assert set(ledger.index) == set(table.image_id)
     others = table[table.batch != "b0001"].image_id
@@ -190,7 +199,7 @@ def test_network_path_runs_through_the_stage_cli(small_cohort, tmp_path):
         for seg in ("spine", "vert"):
             mask, mask_affine = io.load_mask(derivative_path(tmp_path / "derivatives", row, seg))
             assert mask.shape == image.shape and np.allclose(mask_affine, affine)
-        assert derivative_path(tmp_path / "derivatives", row, "vert", "snp.png").read_bytes()[:4] == b"\x89PNG"
+        assert derivative_path(tmp_path / "derivatives", row, *layout.SNAPSHOT).read_bytes()[:4] == b"\x89PNG"
 
 
 def nib_codes(affine):
@@ -220,3 +229,22 @@ def test_an_articular_process_split_between_instances_goes_to_its_majority():
     instance[2:5, 7:8, 2:5] = 4  # a sliver claimed by the next vertebra
     instances._one_owner_per_articular_process(instance, seg)
     assert (instance[seg > 0] == 3).all()
+
+
+def test_endplates_split_into_each_vertebras_superior_and_inferior_plate_as_spineps_2_does():
+    ph = render_station(make_subject(0, 1), "lumbar", PRESETS["small"], seed=0, index=1)
+    semantic = ph.semantic.copy()
+    instances.split_endplates(semantic, ph.instance)
+    changed = semantic != ph.semantic
+    assert set(np.unique(ph.semantic[changed])) == {L.ENDPLATE}  # only endplate voxels change
+    assert set(np.unique(semantic[changed])) == {L.ENDPLATE_SUPERIOR, L.ENDPLATE_INFERIOR}
+    height = voxel_world(ph.affine, ph.semantic.shape)[..., 2]  # world z: superior is up
+    pairs = 0
+    for x in (L.VERTEBRA_IDS[name] for name in ("L1", "L2", "L3", "L4")):
+        pair = ph.instance == L.ENDPLATE_OFFSET + x
+        inferior, superior = pair & (semantic == L.ENDPLATE_INFERIOR), pair & (semantic == L.ENDPLATE_SUPERIOR)
+        # X's inferior plate lies above the superior plate of the vertebra below it, each next to its own vertebra
+        assert inferior.any() and superior.any() and height[inferior].mean() > height[superior].mean() + 2, x
+        assert (pair & (semantic == L.ENDPLATE)).sum() <= 0.05 * pair.sum()
+        pairs += 1
+    assert pairs == 4

@@ -46,6 +46,7 @@ __all__ = [
     "number_instances",
     "vertebra_levels",
     "read_instance_model",
+    "split_endplates",
 ]
 
 # A predictor maps a batch of one-hot cutouts (N, 10, *size) and their window
@@ -53,6 +54,11 @@ __all__ = [
 Predictor = Callable[[NDArray[np.float32], NDArray[np.int64]], NDArray[np.uint8]]
 _VERTEBRA = np.array(L.VERTEBRA_PARTS)
 _CUBE = np.ones((3, 3, 3), bool)
+
+
+# SPINEPS 2.1.3 reads `corpus_size_cleaning` and `vert_size_threshold` as volumes (mm³) and never
+# goes below 40 voxels of its reference grid, (0.75, 0.75, 1.65) mm: 37.125 mm³.
+_MIN_CLEANING_MM3: Final = 40 * 0.75 * 0.75 * 1.65
 
 
 @dataclass(frozen=True)
@@ -63,17 +69,24 @@ class InstanceModel:
     orientation: tuple[str, str, str]
     spacing: tuple[float, float, float]
     cutout: tuple[int, int, int]
-    corpus_min_voxels: int = 100
-    vertebra_min_voxels: int = 250  # SPINEPS's vert_size_threshold, in voxels of `spacing`
+    corpus_min_mm3: float = 100.0  # SPINEPS's corpus_size_cleaning: eroded body pieces below it give no cutout
+    vertebra_min_mm3: float = 250.0  # SPINEPS's vert_size_threshold: instance pieces below it are dropped
 
     @property
     def voxel_mm3(self) -> float:
         return float(np.prod(self.spacing))
 
+    def _voxels(self, mm3: float) -> int:
+        """A volume threshold in voxels of the model's grid, as SPINEPS converts it."""
+        return max(int(mm3 / self.voxel_mm3), max(round(_MIN_CLEANING_MM3 / self.voxel_mm3), 1))
+
     @property
-    def vertebra_min_mm3(self) -> float:
-        """Smallest vertebra piece kept, in mm³ (SPINEPS: 250 voxels at (0.75, 0.75, 1.65) mm, 232 mm³)."""
-        return self.vertebra_min_voxels * self.voxel_mm3
+    def corpus_min_voxels(self) -> int:
+        return self._voxels(self.corpus_min_mm3)
+
+    @property
+    def vertebra_min_voxels(self) -> int:
+        return self._voxels(self.vertebra_min_mm3)
 
     @property
     def checkpoint(self) -> Path:
@@ -97,8 +110,8 @@ def read_instance_model(folder: str | Path) -> InstanceModel:
             orientation=(str(orientation[0]), str(orientation[1]), str(orientation[2])),
             spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
             cutout=(int(cutout[0]), int(cutout[1]), int(cutout[2])),
-            corpus_min_voxels=int(cfg.get("corpus_size_cleaning", 100)),
-            vertebra_min_voxels=int(cfg.get("vert_size_threshold", 250)),
+            corpus_min_mm3=float(cfg.get("corpus_size_cleaning", 100)),
+            vertebra_min_mm3=float(cfg.get("vert_size_threshold", 250)),
         )
     except (OSError, KeyError, ValueError, TypeError, IndexError) as exc:
         raise ValueError(f"instance model {cfg_path}: {exc}") from exc
@@ -119,27 +132,41 @@ def _components(mask: NDArray[np.bool_], min_voxels: int) -> list[NDArray[np.int
 
 
 def _split(voxels: NDArray[np.int64], shape: Sequence[int]) -> list[NDArray[np.int64]]:
-    """Cut a merged body in two: erode until it breaks, then cut by the plane half-way between the parts."""
+    """Cut a merged body in two: erode until it breaks, then cut through the neck where the parts met.
+
+    The cut plane passes through the centre of the neck (the voxels next to both parts in the last
+    connected erosion) and is normal to the line between the parts' centres, as SPINEPS cuts.
+    """
     mask = np.zeros(shape, bool)
     mask[tuple(voxels.T)] = True
     parts: list[NDArray[np.int64]] = []
     eroded = mask
     for _ in range(10):
-        eroded = ndimage.binary_erosion(eroded)
+        connected, eroded = eroded, ndimage.binary_erosion(eroded)
         parts = sorted(_components(eroded, 1), key=len, reverse=True)
         if len(parts) >= 2 or not eroded.any():
             break
     if len(parts) >= 2:
         a, b = parts[0].mean(axis=0), parts[1].mean(axis=0)
+        near = []
+        for part in parts[:2]:
+            own = np.zeros(shape, bool)
+            own[tuple(part.T)] = True
+            near.append(ndimage.binary_dilation(own, structure=_CUBE))
+        neck = np.argwhere(connected & near[0] & near[1])
+        centre = neck.mean(axis=0) if len(neck) else (a + b) / 2
     else:  # never broke apart: halve it along the column
         centre = voxels.mean(axis=0)
         a, b = centre - [0, 1, 0], centre + [0, 1, 0]
-    side = (voxels - (a + b) / 2) @ (b - a) > 0
+    side = (voxels - centre) @ (b - a) > 0
     return [voxels[~side], voxels[side]]
 
 
-def corpus_centres(seg: NDArray[np.integer], *, min_voxels: int = 100, erode: int = 1, merged_factor: float = 1.5) -> NDArray[np.float64]:
+def corpus_centres(seg: NDArray[np.integer], *, min_voxels: int = 100, erode: int = 2, merged_factor: float = 1.5) -> NDArray[np.float64]:
     """Vertebral-body centres (voxel coordinates), top first.
+
+    The bodies are eroded by `erode` voxels (18-connected, as SPINEPS does: it
+    parts bodies that touch through an endplate) and pieces under `min_voxels` dropped.
 
     A body larger than `merged_factor` x the mean of its up to 5 neighbours on
     each side (at least 3 neighbours) is taken to be two merged bodies and split.
@@ -466,6 +493,33 @@ _CLAIMS: Final = (
     ((L.IVD,), ((L.ivd_ids, 0), (L.endplate_ids, L.IVD_OFFSET - L.ENDPLATE_OFFSET))),
     ((L.ENDPLATE,), ((L.endplate_ids, 0), (L.ivd_ids, L.ENDPLATE_OFFSET - L.IVD_OFFSET))),
 )
+
+
+def _steps_to(ids: NDArray[np.integer], vertebra: int | None, beyond: int) -> NDArray[np.int32]:
+    """Chessboard steps (26-connected growth) from every voxel to `vertebra`'s voxels; `beyond` where it is absent."""
+    if vertebra is None or not (ids == vertebra).any():
+        return np.full(ids.shape, beyond, np.int32)
+    return ndimage.distance_transform_cdt(ids != vertebra, metric="chessboard")
+
+
+def split_endplates(semantic: NDArray[np.integer], instance: NDArray[np.integer], *, steps: int = 14) -> None:
+    """SPINEPS 2.x's endplate split, in place on `semantic`: each endplate voxel (62) of the pair 200+X (X's
+    inferior endplate and the superior one of the vertebra below X) becomes 53 (inferior) where X is the
+    nearer vertebra, 52 (superior) where the vertebra below is, each within `steps` voxels (26-connected
+    growth, chessboard distance); voxels neither reaches stay 62."""
+    vertebrae = sorted(int(v) for v in np.unique(instance) if 0 < v < L.IVD_OFFSET)
+    for k, x in enumerate(vertebrae):
+        plates = (instance == L.ENDPLATE_OFFSET + x) & (semantic == L.ENDPLATE)
+        found = ndimage.find_objects(plates.astype(np.uint8))
+        if not found:
+            continue
+        box = tuple(slice(max(0, b.start - steps), b.stop + steps) for b in found[0])
+        mine, ids = plates[box], instance[box]
+        above = _steps_to(ids, x, steps + 1)
+        below = _steps_to(ids, vertebrae[k + 1] if k + 1 < len(vertebrae) else None, steps + 1)
+        region = semantic[box]
+        region[mine & (above <= steps) & (above <= below)] = L.ENDPLATE_INFERIOR
+        region[mine & (below <= steps) & (below < above)] = L.ENDPLATE_SUPERIOR
 
 
 def claim_instances(semantic: NDArray[np.integer], instance: NDArray[np.integer], spacing: ArrayLike, *,

@@ -20,11 +20,14 @@ CORPUS: Final = 49
 CORD: Final = 60
 CANAL: Final = 61
 ENDPLATE: Final = 62
+# SPINEPS 2.x splits the endplate voxels after the instances: a vertebra's superior and inferior endplates.
+ENDPLATE_SUPERIOR: Final = 52
+ENDPLATE_INFERIOR: Final = 53
 IVD: Final = 100
 SACRUM: Final = 26
 
 VERTEBRA_PARTS: Final = (41, 42, 43, 44, 45, 46, 47, 48, 49)
-SEMANTIC_LABELS: Final = (*VERTEBRA_PARTS, CORD, CANAL, ENDPLATE, IVD, SACRUM)
+SEMANTIC_LABELS: Final = (*VERTEBRA_PARTS, CORD, CANAL, ENDPLATE, ENDPLATE_SUPERIOR, ENDPLATE_INFERIOR, IVD, SACRUM)
 SEMANTIC_NAMES: Final = {
     41: "arcus",
     42: "spinous process",
@@ -38,6 +41,8 @@ SEMANTIC_NAMES: Final = {
     60: "spinal cord",
     61: "spinal canal",
     62: "endplate",
+    52: "superior endplate",
+    53: "inferior endplate",
     100: "IVD",
     26: "sacrum",
 }

@@ -276,7 +276,7 @@ def _restore(*, manifest: Path, batch: str, out: Path, input: Path, instances: P
     its station alone) and publishes the semantic mask with its provenance sidecar."""
     from . import provenance as prov
     from .geometry import resample, spacing_of
-    from .instances import claim_instances
+    from .instances import claim_instances, split_endplates
 
     numbering = ledger_facts(instances, "numbering")
     run = prov.read_run(provenance)
@@ -289,6 +289,7 @@ def _restore(*, manifest: Path, batch: str, out: Path, input: Path, instances: P
         # Ids on the input grid, for exactly the semantic mask's structure voxels (SPINEPS's masks coincide too).
         instance, unclaimed = claim_instances(semantic, resample(vert, vert_affine, (image.shape, affine), kind="nearest"),
                                               spacing_of(affine), radius_mm=2 * max(spacing_of(vert_affine)))
+        split_endplates(semantic, instance)
         codes = io.header_codes(row.image)  # the masks say where they lie as the input does
         io.save_nifti(out / layout.derivative_name(row.image_id, "spine"), semantic, affine, dtype=np.uint8, codes=codes)
         io.save_nifti(out / layout.derivative_name(row.image_id, "vert"), instance, affine, dtype=np.uint16, codes=codes)
