@@ -61,8 +61,26 @@ def our_cpu_seconds_per_image(results: Path, batch: str, images: int) -> float:
     return sum(float(pd.read_csv(f, sep="\t")["cpu_time"].iloc[0]) for f in files) / images
 
 
+# Our vertebrae that SPINEPS finds as one instance each, on phantom0001's stations (of 12 / 13 / 7).
+ONE_TO_ONE = {"cervical": 4, "thoracic": 10, "lumbar": 7}
+
+
 def vertebrae(mask: np.ndarray) -> int:
     return int(sum(1 for v in np.unique(mask) if 0 < v < IVD_OFFSET and v != 26))
+
+
+def matched_vertebrae(ours: np.ndarray, theirs: np.ndarray) -> dict[int, tuple[int, float]]:
+    """Each of our vertebrae -> the SPINEPS vertebra it overlaps most, and their Dice."""
+    out = {}
+    for k in (int(v) for v in np.unique(ours) if 0 < v < IVD_OFFSET and v != 26):
+        mine = ours == k
+        candidates = theirs[mine & (theirs > 0) & (theirs < IVD_OFFSET)]
+        if candidates.size == 0:
+            out[k] = (0, 0.0)
+            continue
+        best = int(np.bincount(candidates).argmax())
+        out[k] = (best, dice(mine, theirs == best))
+    return out
 
 
 @pytest.mark.interop
@@ -92,6 +110,9 @@ def test_spineps_loads_our_models_and_segments_like_us(demo_local_run: Path, tmp
         dices = {f"Dice {structure}": dice(ours_final == label, theirs_final == label) for label, structure in UNTOUCHED.items()
                  if (ours_final == label).any() and (theirs_final == label).any()}  # fmt: skip
         ours_vert, theirs_vert = (io.load_mask(f / layout.derivative_name(row.image_id, "vert"))[0] for f in (restored, folder))
+        matched = matched_vertebrae(ours_vert, theirs_vert)
+        shared = pd.Series([t for t, _ in matched.values()]).value_counts()
+        one_to_one = {k: m for k, m in matched.items() if m[0] and shared[m[0]] == 1}  # SPINEPS's vertebra is ours alone
         result = {
             "station": row.region,
             "raw agreement, our N4": agreement(raw, folder / theirs_raw),
@@ -99,6 +120,8 @@ def test_spineps_loads_our_models_and_segments_like_us(demo_local_run: Path, tmp
             "SPINEPS N4, 1 vs 2 threads": agreement(runs["spineps"][0] / theirs_raw, runs["spineps-2-threads"][0] / theirs_raw),
             **dices,
             "vertebrae ours / SPINEPS": f"{vertebrae(ours_vert)} / {vertebrae(theirs_vert)}",
+            "one to one": len(one_to_one),
+            "one to one Dice, min": min((d for _, d in one_to_one.values()), default=0.0),
             "SPINEPS with its N4 finished": runs["spineps"][3],
             "SPINEPS CPU-s": cpu,
             "our CPU-s": our_cpu_seconds_per_image(demo_local_run, row.batch, int((manifest.batch == row.batch).sum())),
@@ -106,7 +129,10 @@ def test_spineps_loads_our_models_and_segments_like_us(demo_local_run: Path, tmp
         table.append(result)
         assert result["raw agreement, our N4"] >= 0.995, result
         assert dices and min(dices.values()) >= 0.99, result
-        assert vertebrae(theirs_vert) >= 1, result
+        # Instances: where SPINEPS separates a vertebra of ours, it is the same vertebra voxel for voxel nearly.
+        # Not yet everywhere: on the demo's small cervical and upper thoracic bodies SPINEPS's corpus/IVD
+        # alternation check merges several of them into one instance (README, SPINEPS parity).
+        assert result["one to one"] >= ONE_TO_ONE[row.region] and result["one to one Dice, min"] >= 0.95, (result, matched)
     # The README's parity table says what this run measured (SPINEPS's 2-thread N4 column aside: threads race).
     readme = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
               for line in (ROOT / "README.md").read_text().split("## SPINEPS parity")[1].split("\n## ")[0].splitlines()
@@ -115,8 +141,9 @@ def test_spineps_loads_our_models_and_segments_like_us(demo_local_run: Path, tmp
         dice_text = " / ".join(f"{r[f'Dice {k}']:.3f}" for k in ("spinal cord", "spinal canal", "IVD"))
         dice_text += f" (sacrum {r['Dice sacrum']:.3f})" if "Dice sacrum" in r else ""
         row = readme[r["station"]]
-        assert (row[0], row[1], row[3], row[4]) == (f"{100 * r['raw agreement, our N4']:.2f} %", f"{100 * r['raw agreement, each its N4']:.1f} %",
-                                                    dice_text, r["vertebrae ours / SPINEPS"]), (r["station"], row)  # fmt: skip
+        assert (row[0], row[1], row[3], row[4], row[5]) == (
+            f"{100 * r['raw agreement, our N4']:.2f} %", f"{100 * r['raw agreement, each its N4']:.1f} %", dice_text,
+            r["vertebrae ours / SPINEPS"], f"{r['one to one']} ({r['one to one Dice, min']:.3f})"), (r["station"], row)  # fmt: skip
     report = pd.DataFrame(table).round(4).to_markdown(index=False)
     (tmp_path / "parity.md").write_text(report + "\n")
     print("\n" + report)

@@ -177,8 +177,9 @@ def instance_inference_config(*, spacing: Sequence[float], cutout: Sequence[int]
         "default_step_size": 0.5,  # unused by a cutout U-Net, but SPINEPS requires the key
         "expected_inputs": ["seg"],
         "cutout_size": [int(c) for c in cutout],
-        "corpus_size_cleaning": 10,
-        "vert_size_threshold": 20,
+        # mm³ in SPINEPS 2.1.3 (converted to voxels of the model's grid): its defaults
+        "corpus_size_cleaning": 100,
+        "vert_size_threshold": 250,
         "labels": {"0": 0, "1": 1, "2": 2, "3": 3},
     }
 
