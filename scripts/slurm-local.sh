@@ -4,6 +4,7 @@
 # declared as GRES, so `gpu: 1` jobs are scheduled on a machine without one.
 #
 #   scripts/slurm-local.sh up      install (Debian packages, root) and start; idempotent
+#   scripts/slurm-local.sh install only the Debian packages (needs the network; `up` does it too)
 #   scripts/slurm-local.sh down    stop only the daemons this script started
 #   scripts/slurm-local.sh status  sinfo
 #
@@ -168,7 +169,8 @@ down() {
 
 case ${1:-up} in
     up) up ;;
+    install) install_packages ;;
     down) down ;;
     status) sinfo ;;
-    *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+    *) echo "usage: $0 up|install|down|status" >&2; exit 2 ;;
 esac

@@ -33,7 +33,7 @@ def cluster():
 
 # Everything the setup script writes or reads as state. Over each an empty tmpfs, in new mount,
 # network and pid namespaces: the machine looks as if SLURM had never been set up (the Debian
-# packages stay), the test's daemons cannot meet the module cluster's, and all die with the namespace.
+# packages, installed first, stay), the test's daemons cannot meet the module cluster's, and all die with the namespace.
 FRESH_STATE = ["/etc/slurm", "/var/lib/slurm", "/var/lib/slurm-local", "/var/log/slurm", "/var/lib/mysql", "/run"]
 FRESH_MACHINE = f"""set -euo pipefail
 for d in {' '.join(FRESH_STATE)}; do mkdir -p "$d"; mount -t tmpfs tmpfs "$d"; done
@@ -55,6 +55,9 @@ def test_cluster_setup_works_where_slurm_was_never_set_up():
     """`slurm-local.sh up` from empty /etc/slurm, state and database folders: a fresh CI machine."""
     if shutil.which("apt-get") is None or shutil.which("unshare") is None:
         pytest.fail("the fresh-machine SLURM test needs a Debian machine with unshare (util-linux)")
+    # The packages come first, with the network (on a fresh CI machine none is installed); the
+    # namespace below has no network, as the state it starts from has no SLURM.
+    subprocess.run(["bash", ROOT / "scripts" / "slurm-local.sh", "install"], check=True, timeout=600)
     run = subprocess.run(["unshare", "--mount", "--net", "--pid", "--fork", "--mount-proc", "bash", "-c", FRESH_MACHINE],
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
