@@ -171,9 +171,9 @@ def test_the_demo_fold_agreement_is_the_folds_pairwise_dice(demo_local_run: Path
 
 @pytest.mark.slow
 def test_the_demo_qc_flags_exactly_the_misnamed_discs_and_the_review_page_links_the_worst(demo_local_run: Path):
-    """No reference is read to flag; the references say which flags are right. In the demo the disc below a
-    vertebra whose body the top border cuts takes the id of the level above (118 named 117, two lumbar
-    stations; a known bug); a disc renamed so in any other lumbar mask is seen too."""
+    """No reference is read to flag; the references say which flags are right. The demo's discs all carry
+    their own level (the references say so), so none is flagged; a disc named after the level above, as an
+    earlier instance model named the disc below a vertebra the top border cuts, is seen in every lumbar mask."""
     from spinecohort import labels as L
     from spinecohort.cohort_qc import image_measures
 
@@ -195,8 +195,8 @@ def test_the_demo_qc_flags_exactly_the_misnamed_discs_and_the_review_page_links_
             assert image_measures(ids, semantic, affine)["missing_ivds"] == 0
             assert image_measures(renamed, semantic, affine)["missing_ivds"] == 1
     flagged = set(table.image_id[table["flags"].str.contains("missing_ivd")])
-    assert flagged == misnamed and len(flagged) == 2, (flagged, misnamed)
-    assert set(table.image_id[:2]) == flagged  # they lead the ranking
+    assert flagged == misnamed, (flagged, misnamed)
+    assert set(table.image_id[:len(flagged)]) == flagged  # they lead the ranking
     # One of the demo model's three folds predicts no spinal cord at all: every image's folds disagree.
     assert table["flags"].str.contains("folds_disagree").all() and (table.fold_agreement < 0.8).all()
     review = (demo_local_run / "summary" / layout.QC_REVIEW).read_text()
@@ -238,7 +238,7 @@ def test_the_demo_derivatives_say_what_made_them(demo_local_run: Path):
     assert description["GeneratedBy"][0] == {**description["GeneratedBy"][0], "Name": "spinecohort", "Version": version("spinecohort")}
     models = {kind: json.loads((ROOT / "resources" / "demo_models" / kind / "inference_config.json").read_text())["log_name"]
               for kind in ("semantic", "instance")}  # fmt: skip
-    manifest = cohort.resolve_paths(cohort.read_manifest(demo_local_run / "demo" / "cohort.tsv"), demo_local_run / "demo")
+    manifest = cohort.read_manifest(demo_local_run / "demo" / "cohort.tsv")  # its entries as written: relative
     ledgers = pd.concat([pd.read_csv(f, sep="\t", dtype=str, keep_default_na=False)
                          for f in (demo_local_run / "work").glob(f"*/{layout.folder('label-levels')}/{layout.LEDGER}")])  # fmt: skip
     numbering = dict(zip(ledgers.image_id, ledgers.numbering))
@@ -246,7 +246,7 @@ def test_the_demo_derivatives_say_what_made_them(demo_local_run: Path):
         for seg in ("spine", "vert"):
             mask = layout.derivative(derivatives, row.subject, row.session, row.image_id, seg)
             side = json.loads(mask.with_name(mask.name.replace(".nii.gz", ".json")).read_text())
-            assert side["Sources"] == [str(row.image)] and side["GeneratedBy"]["Version"] == version("spinecohort")
+            assert side["Sources"] == [row.image] and not Path(row.image).is_absolute() and side["GeneratedBy"]["Version"] == version("spinecohort")
             assert {k: side["Provenance"]["models"][k]["log_name"] for k in models} == models
             assert side["Provenance"]["parameters"]["n4"] == CONFIG["n4"]
             if seg == "vert":

@@ -240,15 +240,17 @@ def resolve_paths(table: pd.DataFrame, base: str | Path, columns: Iterable[str] 
     return out
 
 
+def manifest_entry(path: str | Path, base: str | Path) -> str:
+    """`path` as a manifest in `base` writes it: relative when it lies under `base` (the cohort folder can
+    move), else as given; empty stays empty."""
+    if path and Path(path).resolve().is_relative_to(root := Path(base).resolve()):
+        return str(Path(path).resolve().relative_to(root))
+    return str(path)
+
+
 def relative_paths(table: pd.DataFrame, base: str | Path) -> pd.DataFrame:
     """Inverse of `resolve_paths` for paths under `base`, so the cohort folder can move."""
     out = table.copy()
-    base = Path(base).resolve()
     for col in ("image", "reference_semantic", "reference_instance"):
-        values = []
-        for p in out[col]:
-            if p and Path(p).resolve().is_relative_to(base):
-                p = str(Path(p).resolve().relative_to(base))
-            values.append(p)
-        out[col] = values
+        out[col] = [manifest_entry(p, base) for p in out[col]]
     return out

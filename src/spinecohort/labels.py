@@ -23,11 +23,12 @@ ENDPLATE: Final = 62
 # SPINEPS 2.x splits the endplate voxels after the instances: a vertebra's superior and inferior endplates.
 ENDPLATE_SUPERIOR: Final = 52
 ENDPLATE_INFERIOR: Final = 53
+ENDPLATES: Final = (ENDPLATE, ENDPLATE_SUPERIOR, ENDPLATE_INFERIOR)  # before and after the split
 IVD: Final = 100
 SACRUM: Final = 26
 
 VERTEBRA_PARTS: Final = (41, 42, 43, 44, 45, 46, 47, 48, 49)
-SEMANTIC_LABELS: Final = (*VERTEBRA_PARTS, CORD, CANAL, ENDPLATE, ENDPLATE_SUPERIOR, ENDPLATE_INFERIOR, IVD, SACRUM)
+SEMANTIC_LABELS: Final = (*VERTEBRA_PARTS, CORD, CANAL, *ENDPLATES, IVD, SACRUM)
 SEMANTIC_NAMES: Final = {
     41: "arcus",
     42: "spinous process",

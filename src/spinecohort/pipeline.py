@@ -294,7 +294,7 @@ def _restore(*, manifest: Path, batch: str, out: Path, input: Path, instances: P
         io.save_nifti(out / layout.derivative_name(row.image_id, "spine"), semantic, affine, dtype=np.uint8, codes=codes)
         io.save_nifti(out / layout.derivative_name(row.image_id, "vert"), instance, affine, dtype=np.uint16, codes=codes)
         io.write_json(out / layout.derivative_name(row.image_id, "spine", "msk.json"), prov.sidecar(
-            run, source=str(row.image), description="semantic mask (SPINEPS labels), on the input image's grid"))
+            run, source=cohort.manifest_entry(row.image, manifest.parent), description="semantic mask (SPINEPS labels), on the input image's grid"))
         _publish(out, row, derivatives, "restore")
         note = f"{unclaimed} structure voxels no instance claims: removed from both masks" if unclaimed else ""
         return {"message": note, "numbering": numbering[row.image_id], "unclaimed_voxels": str(unclaimed)}
@@ -376,7 +376,7 @@ def _label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path],
         io.write_json(out / layout.derivative_name(row.image_id, *layout.CENTROIDS), poi_json(
             instance, affine, {"source": "spinecohort", "version": run["software"]["spinecohort"], "numbering": mode}))
         io.write_json(out / layout.derivative_name(row.image_id, "vert", "msk.json"), prov.sidecar(
-            run, source=str(row.image), description="vertebra instance mask (SPINEPS ids: vertebra, 100+ IVD, 200+ endplate)",
+            run, source=cohort.manifest_entry(row.image, manifest.parent), description="vertebra instance mask (SPINEPS ids: vertebra, 100+ IVD, 200+ endplate)",
             Numbering=mode, NumberingReason=result.reasons[row.image_id], StationNumbering=own[row.image_id]))
         image, image_affine = io.load_image(row.image)
         snapshot_png(out / layout.derivative_name(row.image_id, *layout.SNAPSHOT), image, semantic, instance, image_affine,

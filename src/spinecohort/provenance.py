@@ -68,7 +68,9 @@ def dataset_description(run: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def sidecar(run: Mapping[str, Any], *, source: str, description: str, **facts: Any) -> dict[str, Any]:
-    """The JSON sidecar of one published mask: its source image, what it is, and the run's provenance."""
+    """The JSON sidecar of one published mask: its source image (as the manifest names it: relative to the
+    manifest's folder when it lies there, so that the sidecar does not change when the cohort moves), what it
+    is, and the run's provenance."""
     return {"Sources": [source], "Description": description, **facts, "GeneratedBy": {
         "Name": "spinecohort", "Version": run["software"]["spinecohort"]}, "Provenance": dict(run)}
 
