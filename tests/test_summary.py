@@ -257,3 +257,26 @@ def test_the_demo_derivatives_say_what_made_them(demo_local_run: Path):
         assert meta[b"spinecohort.version"].decode() == version("spinecohort"), table
         assert meta[b"spinecohort.assd_definition"].decode() == CONFIG["metrics"]["assd"], table
         assert json.loads(meta[b"spinecohort.provenance"])["models"]["semantic"]["log_name"] == models["semantic"]
+
+
+@pytest.mark.slow
+def test_the_readmes_example_outputs_are_what_the_demo_writes(demo_local_run: Path):
+    """Every file the README shows exists; those under docs/examples/ are the demo's own (the centroids
+    exactly, the snapshots pixel for pixel up to PNG rounding), so a change of the outputs shows here."""
+    import json
+
+    import matplotlib.image
+
+    readme = (ROOT / "README.md").read_text()
+    linked = set(re.findall(r"\]\((docs/[^)]+)\)", readme))
+    assert all((ROOT / p).is_file() for p in linked), sorted(p for p in linked if not (ROOT / p).is_file())
+    examples = sorted((ROOT / "docs" / "examples").iterdir())
+    assert {f"docs/examples/{p.name}" for p in examples} <= linked and len(examples) == 4
+    derivatives = demo_local_run / "derivatives" / "spinecohort"
+    for example in examples:
+        made = next(derivatives.rglob(example.name))
+        if example.suffix == ".json":
+            assert json.loads(example.read_text()) == json.loads(made.read_text()), example.name
+        else:
+            committed, ours = matplotlib.image.imread(example), matplotlib.image.imread(made)
+            assert committed.shape == ours.shape and np.abs(committed - ours).max() <= 2 / 255, example.name
