@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -100,6 +101,33 @@ def test_runtimes_follow_each_batchs_own_size_not_the_configs(tmp_path: Path):
     jobs = {block.split(":")[0]: block for block in proc.stdout.split("\nrule ")[1:]}
     for rule, per_image in (("predict_fold", 1.0), ("bias_correct", 0.5), ("label_levels", 0.1)):
         assert f"runtime={int(10 + per_image * 3)}" in jobs[rule], jobs[rule]
+
+
+def test_fold_logits_go_to_the_runs_own_scratch_folder_and_claim_the_capped_resource(tmp_path: Path):
+    """`scratch.path` moves only the fold logits, into a folder of this run; each fold job claims its
+    batch's images x `mib_per_image` of `scratch_mib`, which the SLURM profile caps."""
+    import yaml
+
+    from spinecohort import layout
+    from spinecohort.phantom import write_cohort
+
+    manifest = write_cohort(tmp_path / "cohort", subjects=1)  # one batch of 3 images
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"results": str(tmp_path / "results"), "manifest": str(manifest), "demo": {"enabled": False},
+                                      "scratch": {"path": str(tmp_path / "scratch"), "mib_per_image": 12.5}}))  # fmt: skip
+    proc = run("snakemake", "-n", "--configfile", "config/config.yaml", str(config))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = proc.stdout.split("\nrule ")[1:]
+    folds = [b for b in jobs if b.startswith("predict_fold:")]
+    own = tmp_path / "scratch" / layout.scratch_folder(tmp_path / "results")
+    expected = {f"output: {own / 'b0001' / layout.folder('predict-fold').format(fold=f)}" for f in (0, 1, 2)}
+    assert {line.strip() for b in folds for line in b.splitlines() if "output:" in line} == expected
+    assert all(re.search(r"scratch_mib=38\b", b) for b in folds), folds  # 12.5 MiB x 3 images, rounded up
+    averaging = next(b for b in jobs if b.startswith("average_folds:"))
+    assert all(folder.removeprefix("output: ") in averaging for folder in expected)  # read from there
+    assert (tmp_path / "results" / "work" / "b0001" / layout.folder("average-folds")).as_posix() in averaging
+    cap = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())["resources"]["scratch_mib"]
+    assert cap >= 150 * yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["scratch"]["mib_per_image"]
 
 
 def test_no_rule_asks_for_a_conda_env_and_the_readme_says_what_to_use():

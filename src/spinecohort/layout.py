@@ -8,6 +8,8 @@ Light on purpose: the Snakefile imports it at every parse.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 from typing import Final, NamedTuple
 
@@ -83,6 +85,17 @@ def n4_image(folder: Path, image_id: str) -> Path:
 def model_input(folder: Path, image_id: str) -> Path:
     """The image in the semantic model's space; nnU-Net's reader picks files by the _0000 channel suffix."""
     return folder / f"{image_id}_0000.nii.gz"
+
+
+def scratch_folder(results: str | Path) -> str:
+    """A run's folder in the shared scratch (config `scratch.path`): its results folder's name and a
+    digest of its absolute path, so two runs never share one and a rerun finds its own again.
+
+    >>> scratch_folder("/data/nako/results")
+    'results-1092daa6'
+    """
+    where = os.path.abspath(results)
+    return f"{Path(where).name}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
 
 
 def fold_logits(folder: Path, image_id: str) -> Path:

@@ -18,6 +18,15 @@ DERIVATIVES = RESULTS / "derivatives" / "spinecohort"
 SUMMARY = RESULTS / "summary"
 
 
+# Per-fold logits (config `scratch`): a run's own folder in the scratch file system, so that two
+# results folders sharing one scratch never meet.
+SCRATCH = (
+    Path(config["scratch"]["path"]) / layout.scratch_folder(RESULTS)
+    if config["scratch"]["path"]
+    else WORK
+)
+
+
 def stage_dir(command):
     """A batch's work folder of a stage (`spinecohort.layout`: one source for every name)."""
     return WORK / "{batch}" / layout.folder(command)
@@ -108,7 +117,7 @@ def get_instance_model_file(name):
 def get_fold_logits(wildcards):
     """The batch's fold logit folders, in fold order (the averaging order)."""
     return [
-        str(WORK / wildcards.batch / layout.folder("predict-fold").format(fold=f))
+        str(SCRATCH / wildcards.batch / layout.folder("predict-fold").format(fold=f))
         for f in FOLDS
     ]
 
@@ -242,6 +251,11 @@ def batch_minutes(per_image, images=images_in_batch):
     a manifest made with another batch size does not follow; scaled by the attempt for retries.
     """
     return lambda wildcards, attempt: int(10 + per_image * images(wildcards) * attempt)
+
+
+def scratch_mib(wildcards):
+    """The scratch a predict_fold job's logits take (config `scratch`), for the `scratch_mib` cap."""
+    return int(config["scratch"]["mib_per_image"] * images_in_batch(wildcards)) + 1
 
 
 def words(values):

@@ -5,7 +5,7 @@ rule predict_fold:
         model=get_model_file("inference_config.json"),
         checkpoint=get_fold_checkpoint,
     output:
-        temp(directory(stage_dir("predict-fold"))),
+        temp(directory(SCRATCH / "{batch}" / layout.folder("predict-fold"))),
     log:
         LOGS / "predict_fold" / "{batch}_fold{fold}.log",
     benchmark:
@@ -15,6 +15,7 @@ rule predict_fold:
         gpu=1 if config["device"] != "cpu" else 0,
         mem_mb=memory_mb(8000),
         runtime=batch_minutes(1.0),
+        scratch_mib=scratch_mib,
     params:
         device=config["device"],
     shell:
@@ -35,6 +36,8 @@ rule average_folds:
         LOGS / "average_folds" / "{batch}.log",
     benchmark:
         BENCH / "average_folds" / "{batch}.tsv"
+    # Before any other ready job: the sooner the folds are averaged, the sooner their logits go.
+    priority: 10
     threads: 1
     resources:
         mem_mb=memory_mb(4000),
