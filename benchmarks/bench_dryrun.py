@@ -5,7 +5,8 @@ size (`spinecohort manifest --batch-size`, config/example_cohort.yaml).
 Anchor: the same dry-run of a 900-image manifest, measured in this run, so the
 ratio shows how the cost grows with the cohort. The last case repeats the default with a
 finished cohort's restore folders and BIDS tree on disk: what checking the published view
-(`get_missing_derivatives`) adds at start-up. Run with `taskset -c 0`. Last line: JSON.
+(`get_missing_derivatives`) adds at start-up. Run with `taskset -c 0`. `--quick`: 300 images,
+anchor 30, the default batch only (tests/test_benchmarks.py). Last line: JSON.
 """
 
 import json
@@ -22,7 +23,11 @@ import pandas as pd
 from spinecohort import cohort, layout
 
 ROOT = Path(__file__).resolve().parents[1]
-BATCH_SIZES = (100, 150, 200)
+DEFAULT = 150
+# --quick: a few seconds on tiny inputs, so the test suite can check the script still runs.
+QUICK = "--quick" in sys.argv
+SUBJECTS, ANCHOR_SUBJECTS = (100, 10) if QUICK else (30_000, 300)  # three images each
+BATCH_SIZES = (DEFAULT,) if QUICK else (100, 150, 200)
 
 
 def manifest(n_subjects: int, folder: Path, batch_size: int) -> Path:
@@ -92,23 +97,22 @@ def publish_everything(path: Path, results: Path) -> int:
     return n
 
 
-DEFAULT = 150
 with tempfile.TemporaryDirectory() as tmp:
     tmp = Path(tmp)
     model = fake_model(tmp / "model")
-    dry_run(manifest(300, tmp, DEFAULT), model, tmp / "warm", DEFAULT)  # first run pays the .pyc and file caches
-    small = dry_run(manifest(300, tmp, DEFAULT), model, tmp / "res_small", DEFAULT)
-    big = {b: dry_run(manifest(30_000, tmp, b), model, tmp / f"res_{b}", b) for b in BATCH_SIZES}
-    published = publish_everything(manifest(30_000, tmp, DEFAULT), tmp / f"res_{DEFAULT}")
-    checked = dry_run(manifest(30_000, tmp, DEFAULT), model, tmp / f"res_{DEFAULT}", DEFAULT)
+    dry_run(manifest(ANCHOR_SUBJECTS, tmp, DEFAULT), model, tmp / "warm", DEFAULT)  # first run pays the .pyc and file caches
+    small = dry_run(manifest(ANCHOR_SUBJECTS, tmp, DEFAULT), model, tmp / "res_small", DEFAULT)
+    big = {b: dry_run(manifest(SUBJECTS, tmp, b), model, tmp / f"res_{b}", b) for b in BATCH_SIZES}
+    published = publish_everything(manifest(SUBJECTS, tmp, DEFAULT), tmp / f"res_{DEFAULT}")
+    checked = dry_run(manifest(SUBJECTS, tmp, DEFAULT), model, tmp / f"res_{DEFAULT}", DEFAULT)
 
 print(f"{'manifest':<30}{'jobs':>8}{'wall s':>10}{'peak GB':>10}")
-print(f"{f'900 images, batch {DEFAULT} (anchor)':<30}{small[2]:>8}{small[0]:>10.2f}{small[1]:>10.2f}")
+print(f"{f'{3 * ANCHOR_SUBJECTS:,} images, batch {DEFAULT} (anchor)':<30}{small[2]:>8}{small[0]:>10.2f}{small[1]:>10.2f}")
 for b, (wall, gb, jobs) in big.items():
-    print(f"{f'90,000 images, batch {b}':<30}{jobs:>8}{wall:>10.2f}{gb:>10.2f}{'  <- default' if b == DEFAULT else ''}")
+    print(f"{f'{3 * SUBJECTS:,} images, batch {b}':<30}{jobs:>8}{wall:>10.2f}{gb:>10.2f}{'  <- default' if b == DEFAULT else ''}")
 print(f"{f'  + {published:,} derivatives checked':<30}{checked[2]:>8}{checked[0]:>10.2f}{checked[1]:>10.2f}")
 wall, gb, jobs = big[DEFAULT]
-print(json.dumps({"figure": f"dry-run, 90,000 images, batch {DEFAULT}", "wall_s": round(wall, 2), "peak_gb": round(gb, 2),
+print(json.dumps({"figure": f"dry-run, {3 * SUBJECTS:,} images, batch {DEFAULT}", "wall_s": round(wall, 2), "peak_gb": round(gb, 2),
                   "jobs": jobs, "anchor_900_images_wall_s": round(small[0], 2), "ratio_to_anchor": round(wall / small[0], 2),
                   "published_view_check_s": round(checked[0] - wall, 2),
                   "goal": {"wall_s": 15, "peak_gb": 1}}))

@@ -7,10 +7,12 @@ Goals (issue 3):
   logits; averaging reads them back and writes the segmentation, as the rules do.
 - per-fold output at NAKO size (15 classes x 512x512x50 float16) <= 180 MiB and
   <= 3 s to write (anchor: nnU-Net's own .npz of the same logits).
-Random-weight demo model on CPU, 2 threads. Last line: JSON.
+Random-weight demo model on CPU, 2 threads. `--quick`: one image cropped to one patch, one
+round, logits of 15 x 64 x 64 x 10 (tests/test_benchmarks.py). Last line: JSON.
 """
 
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +25,10 @@ from spinecohort.models import write_random_semantic_model
 from spinecohort.phantom import PRESETS, make_subject, render_station
 
 torch.set_num_threads(2)
-N_IMAGES = 3
+# --quick: a few seconds on tiny inputs, so the test suite can check the script still runs.
+QUICK = "--quick" in sys.argv
+N_IMAGES, ROUNDS = (1, 1) if QUICK else (3, 2)
+LOGITS_SHAPE = (15, 64, 64, 10) if QUICK else (15, 512, 512, 50)  # classes x NAKO size
 
 
 def wall(fn):
@@ -50,6 +55,8 @@ with tempfile.TemporaryDirectory() as tmp:
     for k in range(N_IMAGES):
         ph = render_station(make_subject(k, 1), ("cervical", "thoracic", "lumbar")[k % 3], PRESETS["small"], seed=k, index=1)
         img, aff = preprocess.to_model_space(ph.image, ph.affine, orientation=model.orientation, spacing=model.spacing)
+        if QUICK:
+            img = img[:96, :96]  # one (16, 96, 96) patch of the model: a corner, same affine
         cases.append(tmp / "in" / f"case{k}_0000.nii.gz")
         io.save_nifti(cases[-1], img, aff, dtype=np.float32)
 
@@ -76,7 +83,7 @@ with tempfile.TemporaryDirectory() as tmp:
         p.predict_from_files_sequential(str(tmp / "in"), str(tmp / "ref"))
 
     split_times, anchor_times = [], []
-    for _ in range(2):  # alternate, so drift on a noisy machine hits both
+    for _ in range(ROUNDS):  # alternate, so drift on a noisy machine hits both
         _, t_anchor = wall(in_process)
         fold_times = [wall(lambda f=f: fold_job(f))[1] for f in model.folds]
         _, t_avg = wall(average_job)
@@ -87,7 +94,7 @@ with tempfile.TemporaryDirectory() as tmp:
     rng = np.random.default_rng(0)
     sizes = {}
     for noise in (0.0, 0.05):
-        logits = synthetic_logits((15, 512, 512, 50), rng, noise)
+        logits = synthetic_logits(LOGITS_SHAPE, rng, noise)
         _, t_b2 = wall(lambda logits=logits: io.save_logits(tmp / "nako.b2nd", logits))
         sizes[noise] = ((tmp / "nako.b2nd").stat().st_size / 2**20, t_b2)
     mib_b2, t_b2 = sizes[0.0]

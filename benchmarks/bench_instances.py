@@ -9,7 +9,8 @@ instance mask onto that grid.
 The forward uses an oracle predictor (true above/centre/below masks) so the
 assembly time is that of a realistic, well-predicted image. Anchor: resampling
 the semantic mask into instance space (nearest neighbour), same run.
-One thread (`taskset -c 0`). Last line: JSON.
+One thread (`taskset -c 0`). `--quick`: a `small` phantom on the demo instance model's grid and
+cutout, (1.875, 1.875, 2.2) mm and (72, 88, 32) (tests/test_benchmarks.py). Last line: JSON.
 """
 
 import json
@@ -30,7 +31,11 @@ from spinecohort.instance_net import InstanceUNet  # noqa: E402
 from spinecohort.phantom import PRESETS, make_subject, render_station  # noqa: E402
 
 torch.set_num_threads(1)
-SPINEPS = instances.InstanceModel(path=".", orientation=("P", "I", "R"), spacing=(0.75, 0.75, 1.65), cutout=(248, 304, 64))
+# --quick: a few seconds on tiny inputs, so the test suite can check the script still runs.
+QUICK = "--quick" in sys.argv
+PRESET = "small" if QUICK else "nako"
+SPACING, CUTOUT = ((1.875, 1.875, 2.2), (72, 88, 32)) if QUICK else ((0.75, 0.75, 1.65), (248, 304, 64))  # quick: the demo model's
+SPINEPS = instances.InstanceModel(path=".", orientation=("P", "I", "R"), spacing=SPACING, cutout=CUTOUT)
 
 
 def cpu(fn):
@@ -39,7 +44,7 @@ def cpu(fn):
     return out, time.process_time() - t
 
 
-ph = render_station(make_subject(0, 1), "lumbar", PRESETS["nako"], seed=0, index=1)
+ph = render_station(make_subject(0, 1), "lumbar", PRESETS[PRESET], seed=0, index=1)
 grid = geometry.target_grid(ph.semantic.shape, ph.affine, SPINEPS.orientation, SPINEPS.spacing)
 (seg, anchor_s) = cpu(lambda: geometry.resample(ph.semantic, ph.affine, grid, kind="nearest"))
 ref = geometry.resample(ph.instance, ph.affine, grid, kind="nearest")
@@ -72,7 +77,7 @@ print(f"{f'anchor: semantic -> instance space, {seg.shape}':<56}{anchor_s:>10.2f
 print(f"{f'assembly without forward ({n_cutouts} cutouts, {len(np.unique(out)) - 1} labels)':<56}{assembly_s:>10.2f}{'<= 5':>8}")
 print(f"{f'restore: instance mask -> input grid {ph.semantic.shape}':<56}{resample_s:>10.2f}")
 print(f"{f'restore: claim ids for the semantic voxels ({unclaimed} unclaimed)':<56}{claim_s:>10.2f}")
-print(f"{'forward, one (248, 304, 64) cutout, dim 16, 1 thread':<56}{forward_s:>10.2f}")
-print(json.dumps({"figure": "instance phase, NAKO-size lumbar phantom", "assembly_cpu_s": round(assembly_s, 2),
+print(f"{f'forward, one {SPINEPS.cutout} cutout, dim 16, 1 thread':<56}{forward_s:>10.2f}")
+print(json.dumps({"figure": f"instance phase, {'small' if QUICK else 'NAKO-size'} lumbar phantom", "assembly_cpu_s": round(assembly_s, 2),
                   "anchor_resample_cpu_s": round(anchor_s, 2), "ratio_to_anchor": round(assembly_s / anchor_s, 1),
                   "cutouts": n_cutouts, "claim_cpu_s": round(claim_s, 2), "restore_resample_cpu_s": round(resample_s, 2), "forward_per_cutout_cpu_s": round(forward_s, 2), "goal": {"assembly_cpu_s": 5}}))

@@ -3,7 +3,8 @@
 Goals (issue 5): <= 0.3 s per volume on one core and >= 4x faster than DeepMind
 `surface-distance` (anchor, same volume, same run; `pip install surface-distance`);
 summarising score files of 90,000 images <= 60 s (anchor: reading one batch file).
-Run with `taskset -c 0`. Last line: JSON.
+Run with `taskset -c 0`. `--quick`: 3 structures on 160x320x64, 1,000 images, no repeats
+(tests/test_benchmarks.py). Last line: JSON.
 """
 
 import json
@@ -19,16 +20,18 @@ import pandas as pd
 from spinecohort import metrics, summary
 
 SPACING = (0.75, 0.75, 1.65)
-SHAPE = (512, 512, 64)
-N_IMAGES, BATCH = 90_000, 100
+# --quick: a few seconds on tiny inputs, so the test suite can check the script still runs.
+QUICK = "--quick" in sys.argv
+SHAPE, N_STRUCTURES = ((160, 320, 64), 3) if QUICK else ((512, 512, 64), 12)  # the column: 36 voxels per structure in z
+N_IMAGES, BATCH = (1_000, 100) if QUICK else (90_000, 100)
 
 
 def column_of_blobs(rng):
-    """A column of 12 labelled ellipsoid unions (vertebra-like), and a prediction shifted/eroded/dilated with islands."""
+    """A column of N_STRUCTURES labelled ellipsoid unions (vertebra-like), and a prediction shifted/eroded/dilated with islands."""
     ref = np.zeros(SHAPE, np.uint8)
     pred = np.zeros(SHAPE, np.uint8)
     z, y, x = np.ogrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
-    for k in range(12):
+    for k in range(N_STRUCTURES):
         c = np.array([40 + 36 * k, 256 + rng.integers(-20, 20), 32])
         r = np.array([14, 40, 14]) + rng.integers(-3, 4, 3)
         for mask, shift in ((ref, 0), (pred, rng.integers(-2, 3))):
@@ -41,7 +44,7 @@ def column_of_blobs(rng):
 
 def timed(fn, repeats=5):
     times = []
-    for _ in range(repeats):
+    for _ in range(1 if QUICK else repeats):
         t = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t)
@@ -49,7 +52,7 @@ def timed(fn, repeats=5):
 
 
 pred, ref = column_of_blobs(np.random.default_rng(0))
-structures = {f"s{k}": [k] for k in range(1, 13)}
+structures = {f"s{k}": [k] for k in range(1, N_STRUCTURES + 1)}
 ours_s, ours = timed(lambda: metrics.score_structures(pred, ref, SPACING, structures))
 
 try:
@@ -57,7 +60,7 @@ try:
 
     def deepmind():
         out = []
-        for k in range(1, 13):
+        for k in range(1, N_STRUCTURES + 1):
             p, r = pred == k, ref == k
             d = sd.compute_surface_distances(r, p, SPACING)
             out.append((sd.compute_dice_coefficient(r, p), np.mean(sd.compute_average_surface_distance(d))))
@@ -95,7 +98,7 @@ with tempfile.TemporaryDirectory() as tmp:
     one_file_s, _ = timed(lambda: summary.read_scores(files[:1]).to_pandas(), repeats=5)
 
 print(f"{'case':<52}{'seconds':>10}{'goal':>10}")
-print(f"{'12 structures, 512x512x64, DSC + ASSD (ours)':<52}{ours_s:>10.3f}{'<= 0.3':>10}")
+print(f"{f'{N_STRUCTURES} structures, {SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]}, DSC + ASSD (ours)':<52}{ours_s:>10.3f}{'<= 0.3':>10}")
 print(f"{'  anchor: DeepMind surface-distance':<52}{anchor_s:>10.3f}")
 print(f"{'  speed-up over the anchor':<52}{anchor_s / ours_s:>10.1f}{'>= 4':>10}")
 print(f"{f'summary of {N_IMAGES:,} images ({len(files)} files)':<52}{summary_s:>10.2f}{'<= 60':>10}")
