@@ -4,6 +4,7 @@ Needs root and Debian's slurm packages (the script installs them); `.ci/run` run
 """
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from readme import slurm_short_form
 
 from spinecohort import io
 
@@ -92,15 +94,22 @@ def masks(results: Path) -> dict[str, np.ndarray]:
     return {p.name: io.load_mask(p)[0] for p in sorted((results / "derivatives").rglob("*_msk.nii.gz"))}
 
 
-def run_killing_one_fold_job(results: Path) -> tuple[subprocess.CompletedProcess, str | None]:
-    """The demo through SLURM; the first predict_fold job seen running is killed, once.
+def run_killing_one_fold_job(results: Path, manifest: Path, home: Path) -> tuple[subprocess.CompletedProcess, str | None]:
+    """The demo cohort through SLURM with the README's short form, verbatim (its profile link made in a
+    home of our own; the run's command, then the demo's cohort and models in place of the example's);
+    the first predict_fold job seen running is killed, once.
 
     `scancel --batch --signal=KILL` kills the job's processes as the OOM killer or a dying node
     would (state FAILED). A plain `scancel` leaves the state "CANCELLED by <uid>", which
     snakemake-executor-plugin-slurm 2.8.0 does not recognise as failed: it waits forever.
     """
-    cmd = ["snakemake", "--profile", "profiles/slurm", "--config", f"results={results}", *TEST_OVERRIDES]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    link, command = slurm_short_form()
+    env = {**os.environ, "HOME": str(home)}
+    subprocess.run(["bash", "-c", link], cwd=ROOT, env=env, check=True)
+    demo = ["--config", f"results={results}", f"manifest={manifest}", "batch_size=4",
+            "semantic_model={path: demo}", "instance_model={path: demo}"]  # fmt: skip
+    cmd = [*shlex.split(command), *demo, *TEST_OVERRIDES]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     killed = None
     deadline = time.time() + 900
     while killed is None and time.time() < deadline and proc.poll() is None:
@@ -118,11 +127,24 @@ def run_killing_one_fold_job(results: Path) -> tuple[subprocess.CompletedProcess
     return subprocess.CompletedProcess(cmd, proc.returncode, out), killed
 
 
+def one_subject_in_one_batch(demo_results: Path, out: Path) -> Path:
+    """The demo's first subject (its three stations) as a manifest of one batch: every stage runs on the
+    cluster once, and each of its masks must equal the local demo's."""
+    from spinecohort import cohort
+
+    manifest = demo_results / "demo" / "cohort.tsv"
+    table = cohort.resolve_paths(cohort.read_manifest(manifest), manifest.parent)
+    subset = table[table.subject == table.subject.iloc[0]].assign(batch="b0001")
+    io.write_tsv(out, subset)
+    return out
+
+
 def test_demo_runs_on_slurm_like_locally_and_survives_a_killed_job(cluster, demo_local_run, tmp_path):
     """One run: the right partitions and requests per rule, a killed GPU job resubmitted by Snakemake's
-    retry (attempt 2), and masks and summary equal to the local run's."""
+    retry (attempt 2), and masks and scores equal to the local run's."""
     since = time.strftime("%Y-%m-%dT%H:%M:%S")
-    run, killed = run_killing_one_fold_job(tmp_path)
+    manifest = one_subject_in_one_batch(demo_local_run, tmp_path / "cohort.tsv")
+    run, killed = run_killing_one_fold_job(tmp_path / "results", manifest, tmp_path / "home")
     assert killed, "no predict_fold job was seen running"
     assert run.returncode == 0, run.stdout[-3000:]
     jobs = accounting(since)
@@ -130,7 +152,7 @@ def test_demo_runs_on_slurm_like_locally_and_survives_a_killed_job(cluster, demo
     assert set(jobs.state[jobs.job != killed]) == {"COMPLETED"}, jobs
     gpu_jobs = jobs[jobs.rule.isin(["predict_fold", "assemble_instances"])]
     folds_done = gpu_jobs[(gpu_jobs.rule == "predict_fold") & (gpu_jobs.state == "COMPLETED")]
-    assert len(folds_done) == 3 * 3  # batches x folds, the killed one redone
+    assert len(folds_done) == 3  # one batch x three folds, the killed one redone
     assert (gpu_jobs.partition == "gpu").all() and gpu_jobs.tres.str.contains("gres/gpu=1").all()
     assert not jobs[~jobs.index.isin(gpu_jobs.index)].tres.str.contains("gres/gpu").any()
     n4 = jobs[jobs.rule == "bias_correct"]
@@ -138,13 +160,16 @@ def test_demo_runs_on_slurm_like_locally_and_survives_a_killed_job(cluster, demo
     scores = jobs[jobs.rule == "score"]
     assert (scores.cpus == "1").all() and (scores.mem == "2000M").all()
 
-    local = masks(demo_local_run)
-    cluster_masks = masks(tmp_path)
-    assert local.keys() == cluster_masks.keys() and len(local) == 2 * 12
+    cluster_masks = masks(tmp_path / "results")
+    local = {name: array for name, array in masks(demo_local_run).items() if name in cluster_masks}
+    assert local.keys() == cluster_masks.keys() and len(local) == 2 * 3
     for name, array in local.items():
         assert np.array_equal(array, cluster_masks[name]), name
-    pd.testing.assert_frame_equal(pd.read_parquet(demo_local_run / "summary" / "by_region.parquet"),
-                                  pd.read_parquet(tmp_path / "summary" / "by_region.parquet"))
+    ours = pd.read_parquet(tmp_path / "results" / "scores").sort_values(["image_id", "structure", "metric"], ignore_index=True)
+    theirs = pd.read_parquet(demo_local_run / "scores")
+    theirs = theirs[theirs.image_id.isin(ours.image_id)].drop(columns="batch").sort_values(["image_id", "structure", "metric"], ignore_index=True)
+    assert len(ours) > 0
+    pd.testing.assert_frame_equal(ours.drop(columns="batch"), theirs, check_categorical=False)
 
 
 def test_an_unknown_partition_fails_at_submission_with_slurms_message(cluster, tmp_path):

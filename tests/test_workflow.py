@@ -7,6 +7,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from readme import slurm_short_form
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -73,8 +75,7 @@ def test_the_readme_slurm_short_form_plans_jobs_with_the_profiles_threads(tmp_pa
 
     from spinecohort.phantom import write_cohort
 
-    section = (ROOT / "README.md").read_text().split("## On a SLURM cluster")[1].split("\n## ")[0]
-    link, command = section.split("```bash\n")[2].split("```")[0].strip().splitlines()
+    link, command = slurm_short_form()
     env = {"PATH": f"{Path(shutil.which('snakemake') or '').parent}:/usr/bin:/bin", "HOME": str(tmp_path / "home")}
     subprocess.run(["bash", "-c", link], cwd=ROOT, env=env, check=True)
     assert (tmp_path / "home" / ".config" / "snakemake" / "slurm" / "config.yaml").is_file()
