@@ -28,6 +28,7 @@ from test_instances import oracle  # noqa: E402
 
 from spinecohort import geometry, instances  # noqa: E402
 from spinecohort.instance_net import InstanceUNet  # noqa: E402
+from spinecohort.models import spineps_voxels  # noqa: E402
 from spinecohort.phantom import PRESETS, make_subject, render_station  # noqa: E402
 
 torch.set_num_threads(1)
@@ -35,7 +36,8 @@ torch.set_num_threads(1)
 QUICK = "--quick" in sys.argv
 PRESET = "small" if QUICK else "nako"
 SPACING, CUTOUT = ((1.875, 1.875, 2.2), (72, 88, 32)) if QUICK else ((0.75, 0.75, 1.65), (248, 304, 64))  # quick: the demo model's
-SPINEPS = instances.InstanceModel(path=".", orientation=("P", "I", "R"), spacing=SPACING, cutout=CUTOUT)
+SPINEPS = instances.InstanceModel(path=".", orientation=("P", "I", "R"), spacing=SPACING, cutout=CUTOUT,  # its default thresholds
+                                  corpus_size_cleaning=spineps_voxels(100, SPACING), vert_size_threshold=spineps_voxels(250, SPACING))
 
 
 def cpu(fn):

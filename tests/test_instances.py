@@ -10,11 +10,14 @@ import pytest
 
 from spinecohort import geometry, instances, layout
 from spinecohort import labels as L
+from spinecohort.models import spineps_voxels
 from spinecohort.phantom import PRESETS, make_subject, render_station, voxel_world
 
 # The demo instance model's grid: the small preset's, its 4.4 mm slices halved, so the round trip is exact.
 SPACING = (1.875, 1.875, 2.2)
-MODEL = instances.InstanceModel(path=Path("."), orientation=("P", "I", "R"), spacing=SPACING, cutout=(72, 88, 32))
+# Its thresholds: SPINEPS's defaults (100 and 250 voxels of its own grid) as the same volumes on this one.
+MODEL = instances.InstanceModel(path=Path("."), orientation=("P", "I", "R"), spacing=SPACING, cutout=(72, 88, 32),
+                                corpus_size_cleaning=spineps_voxels(100, SPACING), vert_size_threshold=spineps_voxels(250, SPACING))
 
 
 def to_instance_space(ph):
@@ -248,3 +251,16 @@ def test_endplates_split_into_each_vertebras_superior_and_inferior_plate_as_spin
         assert (pair & (semantic == L.ENDPLATE)).sum() <= 0.05 * pair.sum()
         pairs += 1
     assert pairs == 4
+
+
+def test_the_export_writes_the_shipped_models_thresholds_as_voxels_of_its_grid():
+    """The training rules' export and the shipped demo model agree; both are SPINEPS's defaults as volumes."""
+    import json
+
+    from spinecohort.models import instance_inference_config
+
+    shipped = json.loads((Path(__file__).resolve().parents[1] / "resources" / "demo_models" / "instance" / "inference_config.json").read_text())
+    written = instance_inference_config(spacing=shipped["resolution_range"], cutout=shipped["cutout_size"], name="x")
+    assert (written["corpus_size_cleaning"], written["vert_size_threshold"]) == (shipped["corpus_size_cleaning"], shipped["vert_size_threshold"]) == (12, 30)
+    reference = instance_inference_config(spacing=(0.75, 0.75, 1.65), cutout=(248, 304, 64), name="x")
+    assert (reference["corpus_size_cleaning"], reference["vert_size_threshold"]) == (100, 250)  # SPINEPS's own grid

@@ -56,8 +56,9 @@ _VERTEBRA = np.array(L.VERTEBRA_PARTS)
 _CUBE = np.ones((3, 3, 3), bool)
 
 
-# SPINEPS 2.1.3 reads `corpus_size_cleaning` and `vert_size_threshold` as volumes (mm³) and never
-# goes below 40 voxels of its reference grid, (0.75, 0.75, 1.65) mm: 37.125 mm³.
+# SPINEPS 2.1.3 reads `corpus_size_cleaning` and `vert_size_threshold` as voxel counts at the model's
+# resolution (`resolution_range`): it scales them to mm³ by that voxel volume, back to voxels by the grid's,
+# and never goes below 40 voxels of its reference grid, (0.75, 0.75, 1.65) mm: 37.125 mm³.
 _MIN_CLEANING_MM3: Final = 40 * 0.75 * 0.75 * 1.65
 
 
@@ -69,24 +70,30 @@ class InstanceModel:
     orientation: tuple[str, str, str]
     spacing: tuple[float, float, float]
     cutout: tuple[int, int, int]
-    corpus_min_mm3: float = 100.0  # SPINEPS's corpus_size_cleaning: eroded body pieces below it give no cutout
-    vertebra_min_mm3: float = 250.0  # SPINEPS's vert_size_threshold: instance pieces below it are dropped
+    corpus_size_cleaning: float = 100.0  # voxels at the model's resolution: eroded body pieces below give no cutout
+    vert_size_threshold: float = 250.0  # voxels at the model's resolution: instance pieces below are dropped
 
     @property
     def voxel_mm3(self) -> float:
         return float(np.prod(self.spacing))
 
-    def _voxels(self, mm3: float) -> int:
-        """A volume threshold in voxels of the model's grid, as SPINEPS converts it."""
-        return max(int(mm3 / self.voxel_mm3), max(round(_MIN_CLEANING_MM3 / self.voxel_mm3), 1))
+    def _voxels(self, threshold: float) -> int:
+        """A SPINEPS size threshold in voxels of the grid the phase runs on (the model's own), computed as SPINEPS
+        does it, so that a threshold's rounding is the same in both tools."""
+        grid_mm3 = self.spacing[0] * self.spacing[1] * self.spacing[2]
+        return max(int(threshold * self.voxel_mm3 / grid_mm3), max(round(_MIN_CLEANING_MM3 / grid_mm3), 1))
 
     @property
     def corpus_min_voxels(self) -> int:
-        return self._voxels(self.corpus_min_mm3)
+        return self._voxels(self.corpus_size_cleaning)
 
     @property
     def vertebra_min_voxels(self) -> int:
-        return self._voxels(self.vertebra_min_mm3)
+        return self._voxels(self.vert_size_threshold)
+
+    @property
+    def vertebra_min_mm3(self) -> float:
+        return self.vertebra_min_voxels * self.voxel_mm3
 
     @property
     def checkpoint(self) -> Path:
@@ -110,8 +117,8 @@ def read_instance_model(folder: str | Path) -> InstanceModel:
             orientation=(str(orientation[0]), str(orientation[1]), str(orientation[2])),
             spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
             cutout=(int(cutout[0]), int(cutout[1]), int(cutout[2])),
-            corpus_min_mm3=float(cfg.get("corpus_size_cleaning", 100)),
-            vertebra_min_mm3=float(cfg.get("vert_size_threshold", 250)),
+            corpus_size_cleaning=float(cfg.get("corpus_size_cleaning", 100)),
+            vert_size_threshold=float(cfg.get("vert_size_threshold", 250)),
         )
     except (OSError, KeyError, ValueError, TypeError, IndexError) as exc:
         raise ValueError(f"instance model {cfg_path}: {exc}") from exc
@@ -166,13 +173,17 @@ def corpus_centres(seg: NDArray[np.integer], *, min_voxels: int = 100, erode: in
     """Vertebral-body centres (voxel coordinates), top first.
 
     The bodies are eroded by `erode` voxels (18-connected, as SPINEPS does: it
-    parts bodies that touch through an endplate) and pieces under `min_voxels` dropped.
+    parts bodies that touch through an endplate) and pieces under `min_voxels` dropped (measured face-connected,
+    as SPINEPS's cleaning does).
 
     A body larger than `merged_factor` x the mean of its up to 5 neighbours on
     each side (at least 3 neighbours) is taken to be two merged bodies and split.
     """
     corpus = ndimage.binary_erosion(seg == L.CORPUS, structure=ndimage.generate_binary_structure(3, 2), iterations=erode)
-    bodies = sorted(_components(corpus, min_voxels), key=lambda v: v[:, 1].mean())
+    # Pieces go by their size as SPINEPS measures it, face-connected; the bodies are the 26-connected parts left.
+    faces, _ = ndimage.label(corpus)
+    corpus &= (np.bincount(faces.ravel()) >= min_voxels)[faces]
+    bodies = sorted(_components(corpus, 1), key=lambda v: v[:, 1].mean())
     sizes = np.array([len(b) for b in bodies], float)
     out = []
     for k, body in enumerate(bodies):
@@ -461,7 +472,7 @@ def number_instances(instance: NDArray[np.integer], seg: NDArray[np.integer], re
     Fragments (see `_drop_fragments`) and sacrum pieces under `min_mm3` get no id; restoring counts their voxels.
     """
     vertebrae, _ = _drop_fragments(_vertebrae(instance, seg, voxel_mm3), min_mm3)
-    min_voxels = max(1, int(np.ceil(min_mm3 / voxel_mm3)))
+    min_voxels = max(1, int(np.ceil(min_mm3 / voxel_mm3 - 1e-9)))  # a whole number of voxels' volume stays that number
     discs = _components(seg == L.IVD, 1)
     sacrum = np.zeros(seg.shape, bool)
     for piece in _components(seg == L.SACRUM, min_voxels):

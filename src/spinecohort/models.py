@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
+
+import numpy as np
 
 from . import io
 from . import labels as L
@@ -163,6 +165,18 @@ def write_random_semantic_model(
     return out
 
 
+SPINEPS_GRID_MM3: Final = 0.75 * 0.75 * 1.65  # the voxel of SPINEPS's instance models
+
+
+def spineps_voxels(voxels: int, spacing: Sequence[float]) -> int:
+    """A SPINEPS size threshold given in voxels of its (0.75, 0.75, 1.65) mm grid, as voxels of `spacing`.
+
+    >>> spineps_voxels(100, (1.875, 1.875, 2.2)), spineps_voxels(250, (1.875, 1.875, 2.2))
+    (12, 30)
+    """
+    return max(round(voxels * SPINEPS_GRID_MM3 / float(np.prod(spacing))), 1)
+
+
 def instance_inference_config(*, spacing: Sequence[float], cutout: Sequence[int], name: str) -> dict[str, Any]:
     """SPINEPS `inference_config.json` for a vertebra-instance U-Net (input: the semantic mask)."""
     return {
@@ -177,9 +191,10 @@ def instance_inference_config(*, spacing: Sequence[float], cutout: Sequence[int]
         "default_step_size": 0.5,  # unused by a cutout U-Net, but SPINEPS requires the key
         "expected_inputs": ["seg"],
         "cutout_size": [int(c) for c in cutout],
-        # mm³ in SPINEPS 2.1.3 (converted to voxels of the model's grid): its defaults
-        "corpus_size_cleaning": 100,
-        "vert_size_threshold": 250,
+        # Voxels at this model's resolution (SPINEPS 2.1.3 reads them so): its defaults, 100 and 250 voxels
+        # of its (0.75, 0.75, 1.65) mm grid, as the same volumes on ours.
+        "corpus_size_cleaning": spineps_voxels(100, spacing),
+        "vert_size_threshold": spineps_voxels(250, spacing),
         "labels": {"0": 0, "1": 1, "2": 2, "3": 3},
     }
 
