@@ -31,6 +31,7 @@ from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage
 
 from . import labels as L
+from .models import SPINEPS_GRID_MM3
 
 __all__ = [
     "InstanceModel",
@@ -59,7 +60,7 @@ _CUBE = np.ones((3, 3, 3), bool)
 # SPINEPS 2.1.3 reads `corpus_size_cleaning` and `vert_size_threshold` as voxel counts at the model's
 # resolution (`resolution_range`): it scales them to mm³ by that voxel volume, back to voxels by the grid's,
 # and never goes below 40 voxels of its reference grid, (0.75, 0.75, 1.65) mm: 37.125 mm³.
-_MIN_CLEANING_MM3: Final = 40 * 0.75 * 0.75 * 1.65
+_MIN_CLEANING_MM3: Final = 40 * SPINEPS_GRID_MM3
 
 
 @dataclass(frozen=True)
@@ -90,10 +91,6 @@ class InstanceModel:
     @property
     def vertebra_min_voxels(self) -> int:
         return self._voxels(self.vert_size_threshold)
-
-    @property
-    def vertebra_min_mm3(self) -> float:
-        return self.vertebra_min_voxels * self.voxel_mm3
 
     @property
     def checkpoint(self) -> Path:
@@ -466,13 +463,12 @@ def vertebra_levels(n: int, mode: str) -> tuple[list[int], int]:
 
 
 def number_instances(instance: NDArray[np.integer], seg: NDArray[np.integer], region: str, *,
-                     voxel_mm3: float, min_mm3: float) -> tuple[NDArray[np.uint16], Numbering]:
+                     voxel_mm3: float, min_voxels: int) -> tuple[NDArray[np.uint16], Numbering]:
     """Final ids: vertebrae by level (or a count), sacrum 26, IVD 100+X and endplate 200+X after the vertebra above.
 
-    Fragments (see `_drop_fragments`) and sacrum pieces under `min_mm3` get no id; restoring counts their voxels.
+    Fragments (see `_drop_fragments`) and sacrum pieces under `min_voxels` get no id; restoring counts their voxels.
     """
-    vertebrae, _ = _drop_fragments(_vertebrae(instance, seg, voxel_mm3), min_mm3)
-    min_voxels = max(1, int(np.ceil(min_mm3 / voxel_mm3 - 1e-9)))  # a whole number of voxels' volume stays that number
+    vertebrae, _ = _drop_fragments(_vertebrae(instance, seg, voxel_mm3), min_voxels * voxel_mm3)
     discs = _components(seg == L.IVD, 1)
     sacrum = np.zeros(seg.shape, bool)
     for piece in _components(seg == L.SACRUM, min_voxels):
@@ -581,4 +577,4 @@ def assemble(seg: NDArray[np.integer], model: InstanceModel, predictor: Predicto
     predictions = cutout_predictions(seg, centres, model.cutout, predictor)
     merged = merge_predictions(predictions, seg.size).reshape(seg.shape)
     finished = finish_instances(merged, seg, min_voxels=model.vertebra_min_voxels)
-    return number_instances(finished, seg, region, voxel_mm3=model.voxel_mm3, min_mm3=model.vertebra_min_mm3)
+    return number_instances(finished, seg, region, voxel_mm3=model.voxel_mm3, min_voxels=model.vertebra_min_voxels)
