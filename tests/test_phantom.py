@@ -155,6 +155,44 @@ def test_same_seed_gives_byte_identical_files_and_other_seeds_differ(tmp_path: P
     assert not np.array_equal(nib.load(a / img).get_fdata(), nib.load(c / img).get_fdata())
 
 
+def test_injected_failures_change_the_images_only_and_are_listed(tmp_path: Path):
+    from spinecohort.phantom import FAILURES, FAILURES_FILE
+
+    clean = write_cohort(tmp_path / "clean", subjects=1, seed=7).parent
+    failed = write_cohort(tmp_path / "failed", subjects=1, seed=7, failures=1.0).parent
+    listed = pd.read_csv(failed / FAILURES_FILE, sep="\t")
+    assert len(listed) == 3 and listed.failure.isin(list(FAILURES)).all() and listed.severity.between(0.05, 1.0).all()
+    assert not (clean / FAILURES_FILE).exists()
+    for image in (clean / "rawdata").rglob("*_T2w.nii.gz"):
+        assert not np.array_equal(nib.load(image).get_fdata(), nib.load(failed / image.relative_to(clean)).get_fdata())
+    references = sorted(p.relative_to(clean) for p in (clean / "derivatives").rglob("*_msk.nii.gz"))
+    assert len(references) == 6 and filecmp.cmpfiles(clean, failed, [str(r) for r in references], shallow=False)[0] == [str(r) for r in references]
+
+
+@pytest.mark.parametrize("kind", ["noise", "blur", "contrast", "dropout"])
+def test_each_failure_degrades_the_image_as_it_says(kind: str):
+    """On a step image (dark above, CSF-bright below): more severity, more damage of the named kind."""
+    from spinecohort.phantom import inject_failure
+
+    image = np.zeros((20, 120, 2), np.float32)
+    image[:, 60:] = 1000.0
+    spacing = (2.0, 2.0, 4.0)
+    damage = []
+    for severity in (0.3, 1.0):
+        out = inject_failure(image, spacing, kind, severity, np.random.default_rng(0))
+        assert out.shape == image.shape and out.dtype == np.float32
+        damage.append({
+            "noise": out[:, :60].std(),                          # noise in the dark half
+            "blur": out[:, 55:65].std(axis=1).mean() * -1,       # the edge softens: fewer distinct values near it
+            "contrast": out[:, :60].mean() - out[:, 60:].mean(),  # the dark half brightens against the bright one
+            "dropout": -out.sum(),                               # signal lost
+        }[kind])
+    clean_damage = {"noise": 0.0, "blur": -image[:, 55:65].std(axis=1).mean(), "contrast": -1000.0, "dropout": -image.sum()}[kind]
+    assert clean_damage < damage[0] < damage[1], damage
+    with pytest.raises(ValueError, match="severity"):
+        inject_failure(image, spacing, kind, 0.0, np.random.default_rng(0))
+
+
 def test_snapshot(tmp_path: Path):
     write_cohort(tmp_path, subjects=1, snapshot=True)
     pngs = sorted((tmp_path / "snapshots").glob("*.png"))
@@ -167,6 +205,7 @@ def test_snapshot(tmp_path: Path):
         (["--subjects", "-2"], "must be a positive integer"),
         (["--preset", "huge"], "unknown preset 'huge'"),
         (["--anomaly", "l7"], "unknown anomaly"),
+        (["--failures", "1.5"], "failure fraction must lie in [0, 1]"),
     ],
 )
 def test_bad_arguments_give_one_line_errors(tmp_path: Path, args, message):

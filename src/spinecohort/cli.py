@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshot", action="store_true", help="also write a PNG per image")
     p.add_argument("--motion-mm", type=float, default=0.0, help="largest shift (mm) of a station against the subject")
     p.add_argument("--motion-deg", type=float, default=0.0, help="largest rotation (degrees) of a station about its centre")
+    p.add_argument("--failures", type=float, default=0.0,
+                   help="chance (0-1) of an injected acquisition failure per station, for validating QC (listed in injected_failures.tsv)")
 
     p = sub.add_parser("manifest", help="build a cohort manifest from a BIDS tree, or check a TSV")
     src = p.add_mutually_exclusive_group(required=True)
@@ -103,6 +105,7 @@ def _phantom(args: argparse.Namespace) -> None:
         snapshot=args.snapshot,
         motion_mm=args.motion_mm,
         motion_deg=args.motion_deg,
+        failures=args.failures,
     )
     print(path)
 

@@ -41,6 +41,8 @@ __all__ = [
     "render_station",
     "write_cohort",
     "STATION_LEVELS",
+    "FAILURES",
+    "inject_failure",
 ]
 
 
@@ -482,6 +484,48 @@ def station_motion(shape: tuple[int, ...], affine: NDArray[np.float64], *, shift
     return motion
 
 
+# Acquisition failures for validating cohort QC (issue 17), each graded by a severity in (0, 1]. They
+# change the image only: the references keep the anatomy, so how wrong a segmentation gets is measured.
+FAILURES: Final = {
+    "noise": "Rician noise up to 0.4 x the CSF signal (the phantom's own: 0.02)",
+    "blur": "motion-like blur: a Gaussian of up to 12 mm along the column, 4 mm across it",
+    "contrast": "intensities inverted in part (up to 0.8 of the way to a T1w-like contrast)",
+    "dropout": "a band across the column, 40-120 mm, whose signal falls by up to 95 % (a failed coil element)",
+}
+FAILURES_FILE: Final = "injected_failures.tsv"
+
+
+def inject_failure(image: NDArray[np.float32], spacing: tuple[float, float, float], kind: str, severity: float,
+                   rng: np.random.Generator) -> NDArray[np.float32]:
+    """`image` ((A, S, L) voxel order, `spacing` mm) with the acquisition failure `kind` of `severity`.
+
+    >>> image = np.full((8, 40, 2), 500.0, np.float32)
+    >>> worse = inject_failure(image, (2.0, 2.0, 4.0), "dropout", 1.0, np.random.default_rng(0))
+    >>> bool(worse.min() < 0.1 * 500 and worse.max() == 500)
+    True
+    """
+    if not 0.0 < severity <= 1.0:
+        raise ValueError(f"failure severity must lie in (0, 1], got {severity}")
+    peak = float(_INTENSITY[CSF])
+    if kind == "noise":
+        sigma = 0.4 * peak * severity
+        noise = rng.normal(scale=sigma, size=(2, *image.shape))
+        out = np.hypot(image + noise[0], noise[1])
+    elif kind == "blur":
+        out = ndimage.gaussian_filter(image, sigma=(4.0 * severity / spacing[0], 12.0 * severity / spacing[1], 0.0))
+    elif kind == "contrast":
+        out = (1.0 - 0.8 * severity) * image + 0.8 * severity * np.clip(peak - image, 0.0, None)
+    elif kind == "dropout":
+        s_mm = np.arange(image.shape[1]) * spacing[1]
+        width = 40.0 + 80.0 * rng.uniform()
+        centre = rng.uniform(s_mm[-1] * 0.25, s_mm[-1] * 0.75)
+        edge = np.clip((np.abs(s_mm - centre) - width / 2) / 10.0 + 1.0, 0.0, 1.0)  # 10 mm ramps
+        out = image * (1.0 - 0.95 * severity * (1.0 - edge))[None, :, None]
+    else:
+        raise ValueError(f"unknown failure {kind!r}; expected one of {', '.join(FAILURES)}")
+    return np.asarray(out, dtype=np.float32)
+
+
 NAKO_STATION: Final = {"cervical": "HWS", "thoracic": "BWS", "lumbar": "LWS"}
 
 
@@ -520,6 +564,7 @@ def write_cohort(
     snapshot: bool = False,
     motion_mm: float = 0.0,
     motion_deg: float = 0.0,
+    failures: float = 0.0,
 ) -> Path:
     """Render a cohort as a NAKO-style BIDS tree with references and a manifest.
 
@@ -528,8 +573,12 @@ def write_cohort(
     ``_desc-bias_T2w``), ``cohort.tsv`` (written last), ``snapshots/*.png``.
     An existing ``cohort.tsv`` keeps its batches (see `cohort.assign_batches`). With `motion_mm` or
     `motion_deg`, each station is moved by its own rigid `station_motion` (the patient moved between stations).
+    With `failures` (a fraction), each station has that chance of an injected acquisition failure (`FAILURES`,
+    kind and severity drawn per station); ``injected_failures.tsv`` lists every image's (none, 0 if clean).
     Returns the manifest path.
     """
+    import pandas as pd
+
     from . import cohort, io, qc
 
     if subjects < 1:
@@ -544,7 +593,10 @@ def write_cohort(
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):
         raise PermissionError(f"output folder {out} is not writable")
+    if not 0.0 <= failures <= 1.0:
+        raise ValueError(f"failure fraction must lie in [0, 1], got {failures}")
     raw, ref = out / "rawdata", out / "derivatives" / "reference"
+    injected: list[dict[str, object]] = []
     for index in range(first_index, first_index + subjects):
         subject = make_subject(seed, index, anomaly=anomaly)
         for region in L.REGIONS:
@@ -554,6 +606,12 @@ def write_cohort(
                 moved = station_motion(ph.image.shape, ph.affine, shift_mm=motion_mm, rotation_deg=motion_deg, rng=rng)
                 ph = dataclasses.replace(ph, affine=moved @ ph.affine)
             stem = station_stem(index, region)
+            rng = np.random.default_rng([seed, index, 20 + L.REGIONS.index(region)])
+            kind, severity = ("none", 0.0)
+            if rng.uniform() < failures:
+                kind, severity = str(rng.choice(list(FAILURES))), float(rng.uniform(0.05, 1.0))
+                ph = dataclasses.replace(ph, image=inject_failure(ph.image, PRESETS[preset].spacing, kind, severity, rng))
+            injected.append({"image_id": stem, "failure": kind, "severity": round(severity, 4)})
             anat = Path(f"sub-phantom{index:04d}") / "anat"
             io.save_nifti(raw / anat / f"{stem}_T2w.nii.gz", ph.image, ph.affine, dtype=np.float32)
             io.save_nifti(ref / anat / f"{stem}_mod-T2w_seg-spine_msk.nii.gz", ph.semantic, ph.affine, dtype=np.uint8)
@@ -562,6 +620,8 @@ def write_cohort(
             if snapshot:
                 qc.snapshot_png(out / "snapshots" / f"{stem}_snapshot.png", ph.image, ph.semantic, ph.instance, ph.affine,
                                 title=f"{stem} ({region}, preset {preset}, seed {seed})")
+    if failures:
+        io.write_tsv(out / FAILURES_FILE, pd.DataFrame(injected))
     manifest_path = out / "cohort.tsv"
     rows = cohort.manifest_from_bids(raw, references=ref)
     previous = cohort.read_manifest(manifest_path) if manifest_path.is_file() else None
