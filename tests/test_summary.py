@@ -197,8 +197,8 @@ def test_the_demo_qc_flags_exactly_the_misnamed_discs_and_the_review_page_links_
     flagged = set(table.image_id[table["flags"].str.contains("missing_ivd")])
     assert flagged == misnamed, (flagged, misnamed)
     assert set(table.image_id[:len(flagged)]) == flagged  # they lead the ranking
-    # One of the demo model's three folds predicts no spinal cord at all: every image's folds disagree.
-    assert table["flags"].str.contains("folds_disagree").all() and (table.fold_agreement < 0.8).all()
+    # The folds agree on the demo's vertebral bodies (one of them predicts no spinal cord at all, which the score ignores).
+    assert not table["flags"].str.contains("folds_disagree").any() and (table.fold_agreement > 0.85).all()
     review = (demo_local_run / "summary" / layout.QC_REVIEW).read_text()
     for image_id in table.image_id[:3]:
         link = re.search(f'src="([^"]*{image_id}_mod-T2w_seg-spine_snp.png)"', review)
@@ -212,14 +212,14 @@ def test_qc_flags_and_score_follow_their_definitions():
 
     images = pd.DataFrame({"image_id": ["a", "b", "c"], "region": ["lumbar", "thoracic", "cervical"], "numbering": "C2",
                            "vertebrae": [7.0, 3.0, 12.0], "missing_ivds": [0.0, 0.0, 2.0], "canal_gap_mm": [0.0, 22.0, 4.0]})
-    agreement = pd.DataFrame({"image_id": ["a", "a", "b", "c", "c"], "structure": ["corpus", "arcus", "IVD", "spinal cord", "sacrum"],
-                              "dsc": [0.96, 0.1, 0.92, 0.5, 0.0]})  # only the core structures count
+    agreement = pd.DataFrame({"image_id": ["a", "a", "b", "b", "c", "c"], "structure": ["corpus", "arcus", "corpus", "IVD", "corpus", "sacrum"],
+                              "dsc": [0.96, 0.1, 0.92, 0.2, 0.5, 0.0]})  # only the bodies count
     volumes = pd.DataFrame({"image_id": [f"x{k}" for k in range(9)] + ["a"], "region": "lumbar", "level": "L3",
                             "mm3": [30000.0 + 100 * k for k in range(9)] + [60000.0]})
     table = qc_table(images, agreement, volumes).set_index("image_id")
     assert table["flags"].to_dict() == {"a": "volume_outlier", "b": "vertebra_count,canal_gap", "c": "folds_disagree,missing_ivd"}
-    assert table.score.round(6).to_dict() == {"a": round(0.04 + FLAG_WEIGHT, 6), "b": round(0.08 + 2 * FLAG_WEIGHT, 6),
-                                              "c": round(0.5 + FLAG_WEIGHT, 6)}
+    # missing_ivd is shown, not scored (the instance phase's disc naming at a cut vertebra is an open bug)
+    assert table.score.round(6).to_dict() == {"a": round(0.04 + FLAG_WEIGHT, 6), "b": round(0.08 + 2 * FLAG_WEIGHT, 6), "c": 0.5}
     assert list(table.index) == ["c", "b", "a"]  # worst first
 
 
