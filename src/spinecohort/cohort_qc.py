@@ -27,7 +27,7 @@ from scipy import ndimage
 
 from . import labels as L
 
-__all__ = ["FLAGS", "image_measures", "level_volumes", "qc_table", "ranking_quality", "review_page", "robust_z"]
+__all__ = ["FLAGS", "image_measures", "level_volumes", "level_z", "qc_table", "ranking_quality", "review_page"]
 
 # Vertebrae (the sacrum aside) a 300 mm sagittal station shows of an adult column.
 STATION_VERTEBRAE: Final = {"cervical": (9, 15), "thoracic": (10, 16), "lumbar": (5, 9)}
@@ -88,14 +88,19 @@ def level_volumes(instance: NDArray[np.integer], affine: NDArray[np.float64]) ->
     return {int(k): float(n) * voxel for k, n in zip(ids, counts)}
 
 
-def robust_z(values: pd.Series) -> pd.Series:
-    """(x - median) / (1.4826 MAD); NaN where the MAD is 0.
+def level_z(volumes: pd.DataFrame) -> pd.Series:
+    """Each volume's robust z-score within its station and level: (mm3 - median) / (1.4826 MAD); NaN where
+    the level has fewer than VOLUME_MIN_IMAGES volumes or its MAD is 0.
 
-    >>> robust_z(pd.Series([10.0, 11.0, 9.0, 10.0, 30.0])).round(2).tolist()
-    [0.0, 0.67, -0.67, 0.0, 13.49]
+    >>> v = pd.DataFrame({"region": "lumbar", "level": "L3", "mm3": [10.0, 11.0, 9.0, 10.0, 10.0, 11.0, 9.0, 30.0]})
+    >>> level_z(v).round(2).tolist()
+    [0.0, 0.67, -0.67, 0.0, 0.0, 0.67, -0.67, 13.49]
     """
-    mad = 1.4826 * (values - values.median()).abs().median()
-    return (values - values.median()) / mad if mad > 0 else values * np.nan
+    by_level = volumes.groupby(["region", "level"]).ngroup()  # the string keys factorized once
+    median = volumes.mm3.groupby(by_level).transform("median")
+    mad = 1.4826 * (volumes.mm3 - median).abs().groupby(by_level).transform("median")
+    enough = volumes.mm3.groupby(by_level).transform("size") >= VOLUME_MIN_IMAGES
+    return ((volumes.mm3 - median) / mad).where(enough & (mad > 0))
 
 
 def qc_table(images: pd.DataFrame, agreement: pd.DataFrame, volumes: pd.DataFrame) -> pd.DataFrame:
@@ -107,21 +112,19 @@ def qc_table(images: pd.DataFrame, agreement: pd.DataFrame, volumes: pd.DataFram
     table = images.copy()
     bodies = agreement[agreement.structure == AGREEMENT_STRUCTURE].groupby("image_id")["dsc"].mean()
     table["fold_agreement"] = table.image_id.map(bodies)
-    volumes = volumes.copy()
-    volumes["z"] = np.nan
-    for _, group in volumes.groupby(["region", "level"]):
-        if len(group) >= VOLUME_MIN_IMAGES:
-            volumes.loc[group.index, "z"] = robust_z(group.mm3)
-    table["volume_z_max"] = table.image_id.map(volumes.assign(z=volumes.z.abs()).groupby("image_id")["z"].max())
-    low, high = zip(*(STATION_VERTEBRAE[r] for r in table.region)) if len(table) else ((), ())
+    table["volume_z_max"] = table.image_id.map(level_z(volumes).abs().groupby(volumes.image_id).max())
+    low, high = (table.region.map({r: ends[k] for r, ends in STATION_VERTEBRAE.items()}) for k in (0, 1))
     flags = {
         "folds_disagree": table.fold_agreement < FOLDS_AGREE,
-        "vertebra_count": (table.vertebrae < np.array(low)) | (table.vertebrae > np.array(high)),
+        "vertebra_count": (table.vertebrae < low) | (table.vertebrae > high),
         "missing_ivd": table.missing_ivds > 0,
         "canal_gap": table.canal_gap_mm > CANAL_GAP_MM,
         "volume_outlier": table.volume_z_max > VOLUME_Z,
     }
-    table["flags"] = [",".join(name for name in FLAGS if flags[name].iloc[k]) for k in range(len(table))]
+    # Each image's flags as a bit pattern, named once per pattern (a row-wise join takes 13 s for 90,000 images).
+    pattern = sum((flags[name].to_numpy(dtype=int) << bit for bit, name in enumerate(FLAGS)), np.zeros(len(table), int))
+    names = {p: ",".join(name for bit, name in enumerate(FLAGS) if p >> bit & 1) for p in np.unique(pattern).tolist()}
+    table["flags"] = pd.Series(pattern, index=table.index).map(names).astype(str)
     plausibility = sum(flags[name].astype(int) for name in SCORED_FLAGS)
     table["score"] = (1 - table.fold_agreement.fillna(1.0)) + FLAG_WEIGHT * plausibility
     return table.sort_values(["score", "image_id"], ascending=[False, True], kind="stable").reset_index(drop=True)
