@@ -186,6 +186,42 @@ def test_the_demo_gives_exact_levels_one_geometry_and_says_count_where_it_counts
         assert (demo_local_run / "summary" / table).read_text().strip() in readme, table
 
 
+def test_the_demo_stitches_each_subject_into_one_spine_with_its_levels(demo_local_run):
+    """The demo's published whole-spine masks (shipped models): one per subject, one geometry, C2 to the
+    sacrum; each reference vertebra, stitched the same way from the phantom's references, carries its own
+    level there."""
+    import pandas as pd
+
+    from spinecohort import cohort, io, layout
+    from spinecohort.geometry import resample
+    from spinecohort.stitch import Piece, stitch
+
+    manifest = demo_local_run / "demo" / "cohort.tsv"
+    table = cohort.resolve_paths(cohort.read_manifest(manifest), manifest.parent)
+    tree = demo_local_run / "derivatives" / "spinecohort"
+    subjects = pd.read_csv(demo_local_run / "summary" / layout.SUBJECT_LEVELS, sep="\t", dtype=str, keep_default_na=False)
+    assert set(subjects.whole_spine) == {"cervical+thoracic+lumbar"}
+    exact = {}
+    for subject, rows in table.groupby("subject"):
+        stem = layout.whole_spine_stem(subject, "")
+        folder = tree / layout.subject_folder(subject, "")
+        ids, affine = io.load_mask(folder / layout.derivative_name(stem, "vert"))
+        semantic = io.load_mask(folder / layout.derivative_name(stem, "spine"))[0]
+        assert (folder / layout.derivative_name(stem, *layout.SNAPSHOT)).stat().st_size > 10_000
+        assert_one_geometry(ids, semantic)
+        vertebrae = [int(k) for k in np.unique(ids[L.vertebra_ids(ids)])]
+        assert vertebrae == L.level_sequence(first="C2")[:-1] and (ids == L.SACRUM).any(), (subject, vertebrae)
+        references = [Piece((io.load_mask(r.reference_instance)[0], io.load_mask(r.reference_semantic)[0]),
+                            io.load_mask(r.reference_instance)[1], np.zeros(3)) for r in rows.itertuples()]
+        (reference, truth), (_, truth_affine) = stitch(references, ("nearest", "nearest"))
+        reference = resample(reference, truth_affine, (ids.shape, affine), kind="nearest")
+        truth = resample(truth, truth_affine, (ids.shape, affine), kind="nearest")
+        for k in with_body(truth, reference):
+            exact[(subject, L.VERTEBRA_NAMES[k])] = majority(ids, reference, k) == k
+    wrong = [key for key, ok in exact.items() if not ok]
+    assert len(exact) >= 4 * 23 and not wrong, wrong
+
+
 # --- the pieces, on hand-made inputs ------------------------------------------------
 
 

@@ -271,7 +271,7 @@ def test_the_readmes_example_outputs_are_what_the_demo_writes(demo_local_run: Pa
     linked = set(re.findall(r"\]\((docs/[^)]+)\)", readme))
     assert all((ROOT / p).is_file() for p in linked), sorted(p for p in linked if not (ROOT / p).is_file())
     examples = sorted((ROOT / "docs" / "examples").iterdir())
-    assert {f"docs/examples/{p.name}" for p in examples} <= linked and len(examples) == 4
+    assert {f"docs/examples/{p.name}" for p in examples} <= linked and len(examples) == 5
     derivatives = demo_local_run / "derivatives" / "spinecohort"
     for example in examples:
         made = next(derivatives.rglob(example.name))

@@ -93,15 +93,16 @@ def resample(
     *,
     kind: Literal["linear", "nearest"],
     threads: int = 1,
+    outside: float = 0.0,
 ) -> NDArray:
-    """Resample `data` onto `grid` (shape, affine); outside the field of view is 0."""
+    """Resample `data` onto `grid` (shape, affine); outside the field of view is `outside`."""
     shape, target_affine = grid
     reference = to_sitk(np.zeros(tuple(shape), np.uint8), target_affine)
     interp = sitk.sitkLinear if kind == "linear" else sitk.sitkNearestNeighbor
     f = sitk.ResampleImageFilter()
     f.SetReferenceImage(reference)
     f.SetInterpolator(interp)
-    f.SetDefaultPixelValue(0)
+    f.SetDefaultPixelValue(outside)
     f.SetNumberOfThreads(threads)
     f.SetOutputPixelType(sitk.sitkFloat32 if kind == "linear" else sitk.sitkInt32)
     out, _ = from_sitk(f.Execute(to_sitk(data, affine)))

@@ -141,6 +141,16 @@ def derivative_name(image_id: str, seg: str, suffix: str = "msk.nii.gz") -> str:
     return DERIVATIVE_NAME.format(image_id=image_id, seg=seg, suffix=suffix)
 
 
+def whole_spine_stem(subject: str, session: str) -> str:
+    """The stem of a subject's stitched whole-spine results (label-levels, `stitch`), in its BIDS folder next to
+    its stations', e.g. ``sub-01_ses-1_desc-stitched`` + ``_mod-T2w_seg-vert_msk.nii.gz``."""
+    return "_".join((f"sub-{subject}", *((f"ses-{session}",) if session else ()), "desc-stitched"))
+
+
+# A subject's stitched results (label-levels with --whole-spine): the station derivatives of these kinds.
+WHOLE_SPINE: Final = (("spine", "msk.nii.gz"), ("vert", "msk.nii.gz"), SNAPSHOT)
+
+
 def subject_folder(subject: str, session: str) -> str:
     """A subject's BIDS folder under a derivatives root: ``sub-01/ses-1/anat`` (no ses- level without a session)."""
     return "/".join((f"sub-{subject}", *((f"ses-{session}",) if session else ()), "anat"))

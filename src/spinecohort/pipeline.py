@@ -316,10 +316,12 @@ def _image_folders(folders: Sequence[Path]) -> dict[str, Path]:
     return {image_id: folder for folder in folders for image_id in ledger_facts(folder, "image_id")}
 
 
-def _label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path], derivatives: Path, provenance: Path) -> None:
+def _label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path], derivatives: Path, provenance: Path,
+                  whole_spine: bool = False) -> None:
     """Subject-level ids (`subject_levels`) for the stations of a subject group: each station's vertebra mask with
     those ids, its provenance sidecar, its snapshot, and `layout.SUBJECT_LEVELS`; the masks restore numbered by
-    station stay in its folder."""
+    station stay in its folder. With `whole_spine`, each subject's stations that carry levels also as one stitched
+    semantic and instance mask and snapshot (`stitch`)."""
     from . import provenance as prov
     from .centroids import poi_json
     from .cohort_qc import image_measures, level_volumes
@@ -359,7 +361,10 @@ def _label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path],
                 stations.append(station_vertebrae(instance, semantic, affine, image_id=r.image_id, region=r.region,
                                                   mode=own[r.image_id]))
             subjects[subject, session] = result = label_subject(stations)
-            summary.append(_subject_row(subject, session, everyone, result))
+            joined = ""
+            if whole_spine and result.whole_spine:
+                joined = _stitch_subject(out, subject, session, everyone, result, masks, derivatives)
+            summary.append(_subject_row(subject, session, everyone, result) | {"whole_spine": joined})
         return subjects[subject, session]
 
     def work(row: pd.Series) -> Outcome:
@@ -397,7 +402,40 @@ def _label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path],
 
 
 # layout.SUBJECT_LEVELS: a row per subject.
-SUBJECT_LEVEL_COLUMNS: Final = ("subject", "session", "stations", "linked", "vertebrae", "thoracic", "lumbar", "levels", "note")
+SUBJECT_LEVEL_COLUMNS: Final = ("subject", "session", "stations", "linked", "vertebrae", "thoracic", "lumbar", "levels", "note",
+                                "whole_spine")
+
+
+def _stitch_subject(out: Path, subject: str, session: str, stations: pd.DataFrame, result: SubjectLevels,
+                    masks: dict[str, tuple[NDArray, NDArray, NDArray] | Exception], derivatives: Path) -> str:
+    """The subject's whole-spine semantic and instance masks and snapshot (`stitch`), written into `out` and
+    published next to its stations; returns the regions joined (``cervical+thoracic+lumbar``)."""
+    from .qc import snapshot_png
+    from .stitch import Piece, stitch
+    from .subject_levels import relabel
+
+    pieces, regions = [], []
+    for row in stations.itertuples():
+        if row.image_id not in result.whole_spine:
+            continue
+        instance, affine, semantic = masks[row.image_id]  # type: ignore[misc]  # whole_spine holds read stations only
+        image = io.load_image(row.image)[0]
+        scaled = image / max(float(np.percentile(image, 99)), 1e-6)
+        pieces.append(Piece((semantic, relabel(instance, result.maps.get(row.image_id, {})), scaled), affine,
+                            result.whole_spine[row.image_id]))
+        regions.append(row.region)
+    (semantic, instance, image), (_, affine) = stitch(pieces, ("nearest", "nearest", "linear"))
+    stem = layout.whole_spine_stem(subject, session)
+    codes = io.header_codes(stations.image.iloc[0])
+    for (seg, suffix), mask in zip(layout.WHOLE_SPINE[:2], (semantic, instance)):
+        io.save_nifti(out / layout.derivative_name(stem, seg, suffix), mask, affine, dtype=np.uint16 if seg == "vert" else np.uint8,
+                      codes=codes)
+    snapshot_png(out / layout.derivative_name(stem, *layout.SNAPSHOT), image, semantic, instance, affine,
+                 title=f"sub-{subject} whole spine ({' + '.join(regions)})", names=_level_names(instance, counted=False))
+    for seg, suffix in layout.WHOLE_SPINE:
+        name = layout.derivative_name(stem, seg, suffix)
+        io.publish(out / name, derivatives / layout.subject_folder(subject, session) / name)
+    return "+".join(regions)
 
 
 def _subject_row(subject: str, session: str, stations: pd.DataFrame, result: SubjectLevels) -> dict[str, str]:
@@ -543,7 +581,8 @@ STAGE_COMMANDS: dict[str, tuple[Callable[..., None], str, tuple[tuple[tuple[str,
         _option("--derivatives", type=Path, required=True, help="BIDS derivatives root"), _PROVENANCE)),
     "label-levels": (_label_levels, "subject-level vertebra ids across a subject group's stations, snapshots", (
         _option("--restore", type=Path, nargs="+", required=True, help="the restore folders of every batch holding the group's stations"),
-        _option("--derivatives", type=Path, required=True, help="BIDS derivatives root"), _PROVENANCE)),
+        _option("--derivatives", type=Path, required=True, help="BIDS derivatives root"), _PROVENANCE,
+        _option("--whole-spine", action="store_true", help="also each subject's stitched whole-spine masks and snapshot"))),
     "score": (_score, "DSC and ASSD per structure against the manifest's reference masks", (
         _option("--input", type=Path, required=True, help="the batch's restore folder (its semantic masks)"),
         _option("--levels", type=Path, nargs="+", required=True, help="the label-levels folders holding the batch's vertebra masks"),

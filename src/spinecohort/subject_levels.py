@@ -20,6 +20,9 @@ from C2, from the sacrum, or a count). Here, per subject:
    from the sacrum alone would shift every level above a transitional vertebra: not done. Whatever
    is not claimed keeps or falls back to a count, with the reason. IVD 100+X and endplate 200+X
    follow their vertebra X.
+4. The link's displacement, for stitching a whole-spine mask (`stitch`): `refined_shift`, from structures
+   whole in both fields, else by matching the two masks; `SubjectLevels.whole_spine` names the stations
+   that carry levels from one C2, each with the shift that undoes its motion.
 """
 
 from __future__ import annotations
@@ -58,6 +61,11 @@ class Station:
     centres: NDArray[np.float64]  # (n, 3) body centroid, world mm
     whole: NDArray[np.bool_]  # (n,) the body does not touch the in-plane border: its centroid is sound
     before_top: int  # the id its IVD/endplate above the top vertebra carry (100+/200+ that)
+    # The IVD below each vertebra, its centroid (world mm) where it does not touch the in-plane border, else NaN:
+    # small and thin, the discs between shared vertebrae often lie whole in both fields where the bodies are cut.
+    discs: NDArray[np.float64] | None = None
+    mask: NDArray[np.integer] | None = None  # its instance mask, for `refined_shift` where no structure is whole in both
+    affine: NDArray[np.float64] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -87,7 +95,15 @@ def station_vertebrae(instance: NDArray[np.integer], semantic: NDArray[np.intege
         voxels = np.argwhere(body if body.any() else mine) + [b.start for b in box]
         centres.append(affine[:3, :3] @ voxels.mean(axis=0) + affine[:3, 3])
         whole.append(inside(boxes[k - 1]))
-    return Station(image_id, region, mode, tuple(ids), np.array(centres, float).reshape(-1, 3), np.array(whole, bool), before_top)
+    discs = np.full((len(ids), 3), np.nan)
+    disc_boxes = ndimage.find_objects(np.where(L.ivd_ids(instance), instance - L.IVD_OFFSET, 0).astype(np.int32), max_label=top)
+    for n, k in enumerate(ids):
+        box = disc_boxes[k - 1]
+        if inside(box):
+            voxels = np.argwhere(instance[box] == L.IVD_OFFSET + k) + [b.start for b in box]
+            discs[n] = affine[:3, :3] @ voxels.mean(axis=0) + affine[:3, 3]
+    return Station(image_id, region, mode, tuple(ids), np.array(centres, float).reshape(-1, 3), np.array(whole, bool), before_top,
+                   discs, instance, affine)
 
 
 @dataclass(frozen=True)
@@ -97,6 +113,7 @@ class Link:
     offset: int | None  # None: no link (see reason)
     motion_mm: float = float("nan")  # the displacement of the lower station against the upper one (norm)
     reason: str = ""
+    shift: tuple[float, float, float] = (0.0, 0.0, 0.0)  # that displacement, world mm (lower minus upper)
 
 
 def link(upper: Station, lower: Station) -> Link:
@@ -112,17 +129,83 @@ def link(upper: Station, lower: Station) -> Link:
         d = lower.centres[use] - upper.centres[use + offset]
         shift = d.mean(axis=0)
         if np.linalg.norm(d - shift, axis=1).max() <= CONSISTENT_MM:
-            candidates.append((float(np.linalg.norm(shift)), offset))
+            candidates.append((float(np.linalg.norm(shift)), offset, (float(shift[0]), float(shift[1]), float(shift[2]))))
     name = f"{upper.region} and {lower.region}"
     if not candidates:
         return Link(None, reason=f"{name} share no {MIN_SHARED} vertebrae at one displacement")
     candidates.sort()
-    motion, offset = candidates[0]
+    motion, offset, shift = candidates[0]
     if motion > MAX_MOTION_MM:
         return Link(None, reason=f"{name}: the best pairing implies {motion:.0f} mm of motion (over {MAX_MOTION_MM:.0f})")
     if len(candidates) > 1 and candidates[1][0] - motion < MARGIN_MM:
         return Link(None, reason=f"{name}: ambiguous, pairings imply {motion:.0f} and {candidates[1][0]:.0f} mm of motion")
-    return Link(offset, motion)
+    return Link(offset, motion, shift=refined_shift(upper, lower, offset, shift))
+
+
+def refined_shift(upper: Station, lower: Station, offset: int, shift: tuple[float, float, float]) -> tuple[float, float, float]:
+    """The displacement of a link, from the structures both fields show.
+
+    The link's mean of centroid differences picks the pairing; as a displacement it is biased where a shared
+    vertebra is cut by a station's border (its centroid pulled away from the cut), and neighbouring stations
+    often share only cut vertebrae. Structures whole in both fields (vertebrae clear of both in-plane borders,
+    the IVDs below shared vertebrae) give it unbiased. Where there are none, the masks are matched: the shift
+    near the link's estimate under which most of the upper station's shared-structure voxels that fall in the
+    lower field carry the same structure there (`match_shift`).
+    """
+    j = np.arange(max(0, -offset), min(len(lower), len(upper) - offset))
+    moves = (lower.centres[j] - upper.centres[j + offset])[upper.whole[j + offset] & lower.whole[j]]
+    if upper.discs is not None and lower.discs is not None:
+        moves = np.concatenate([moves, lower.discs[j] - upper.discs[j + offset]])
+    moves = moves[np.isfinite(moves).all(axis=1)]
+    if len(moves):
+        estimate = moves.mean(axis=0)
+    elif upper.mask is not None and lower.mask is not None and upper.affine is not None and lower.affine is not None:
+        pairs = {upper.ids[i + offset]: lower.ids[i] for i in j}
+        pairs |= {L.IVD_OFFSET + a: L.IVD_OFFSET + b for a, b in pairs.items()}
+        estimate = match_shift(upper.mask, upper.affine, lower.mask, lower.affine, pairs, np.array(shift))
+    else:
+        return shift
+    return (float(estimate[0]), float(estimate[1]), float(estimate[2]))
+
+
+# match_shift's search: a cube of SEARCH_MM about the start in STEP_MM, then one step's cube in FINE_MM, each
+# trying that many of the upper station's voxels (evenly thinned).
+SEARCH_MM: Final = 10.0
+STEP_MM: Final = 2.5
+FINE_MM: Final = 0.5
+COARSE_POINTS: Final = 500
+FINE_POINTS: Final = 2_000
+
+
+def match_shift(upper: NDArray[np.integer], upper_affine: NDArray[np.float64], lower: NDArray[np.integer],
+                lower_affine: NDArray[np.float64], pairs: dict[int, int], start: NDArray[np.float64]) -> NDArray[np.float64]:
+    """The world shift (lower minus upper) near `start` under which the most upper voxels of the structures in
+    `pairs` (upper id -> lower id) that land in the lower field meet their own structure there (nearest voxel);
+    ties go to the shift nearest `start`."""
+    lut = np.zeros(max(max(pairs), int(upper.max())) + 1, np.int64)
+    lut[list(pairs)] = list(pairs.values())
+    voxels = np.argwhere(np.isin(upper, list(pairs)))
+    if not len(voxels):
+        return start
+    inverse = np.linalg.inv(lower_affine)
+    to_lower = inverse[:3, :3] @ upper_affine[:3, :3]  # upper voxel -> lower voxel, before the shift
+    origin = inverse[:3, :3] @ upper_affine[:3, 3] + inverse[:3, 3]
+    shape, flat = np.asarray(lower.shape), lower.ravel()
+
+    def best(centre: NDArray[np.float64], radius: float, step: float, points: int) -> NDArray[np.float64]:
+        axis = np.arange(-radius, radius + step / 2, step)
+        candidates = centre + np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), axis=-1).reshape(-1, 3)
+        tried = voxels[:: max(1, len(voxels) // points)]
+        wanted = lut[upper[tuple(tried.T)]]
+        moved = (tried @ to_lower.T + origin).astype(np.float32)[None] + (candidates @ inverse[:3, :3].T).astype(np.float32)[:, None]
+        index = np.rint(moved).astype(np.int32)
+        inside = ((index >= 0) & (index < shape)).all(axis=2)
+        landed = flat[np.ravel_multi_index(tuple(np.moveaxis(np.where(inside[..., None], index, 0), 2, 0)), lower.shape)]
+        score = ((landed == wanted) & inside).sum(axis=1) / np.maximum(inside.sum(axis=1), 1)
+        top = np.flatnonzero(score >= score.max() - 1e-9)
+        return candidates[top[np.argmin(np.linalg.norm(candidates[top] - start, axis=1))]]
+
+    return best(best(start, SEARCH_MM, STEP_MM, COARSE_POINTS), STEP_MM, FINE_MM, FINE_POINTS)
 
 
 @dataclass
@@ -138,6 +221,9 @@ class SubjectLevels:
     thoracic: int | None = None
     lumbar: int | None = None
     note: str = ""
+    # The stations that carry levels from one C2 anchor (two or more), each with the world shift that undoes
+    # the patient's motion against the top one: what `stitch` joins into one whole-spine mask.
+    whole_spine: dict[str, NDArray[np.float64]] = field(default_factory=dict)
 
 
 def label_subject(stations: Sequence[Station]) -> SubjectLevels:
@@ -157,14 +243,17 @@ def _number_chain(out: SubjectLevels, chain: list[Station]) -> None:
     # Linked stations form components; per component, each station's first vertebra's position
     # relative to the component's first station's first vertebra.
     components: list[dict[str, int]] = [{chain[0].image_id: 0}]
+    shifts = {chain[0].image_id: np.zeros(3)}  # undoes each station's motion against its component's first
     for upper, lower in zip(chain, chain[1:]):
         missing = L.REGIONS[ORDER[upper.region] + 1 : ORDER[lower.region]]
         found = Link(None, reason=f"no {missing[0]} station") if missing else link(upper, lower)
         out.links[f"{upper.region}-{lower.region}"] = found
         if found.offset is None:
             components.append({lower.image_id: 0})
+            shifts[lower.image_id] = np.zeros(3)
         else:
             components[-1][lower.image_id] = components[-1][upper.image_id] + found.offset
+            shifts[lower.image_id] = shifts[upper.image_id] - np.array(found.shift)
     by_id = {s.image_id: s for s in chain}
     for comp in components:
         members = [by_id[i] for i in comp]
@@ -179,6 +268,9 @@ def _number_chain(out: SubjectLevels, chain: list[Station]) -> None:
                                                if bottom else f"no anchored station links to it ({unlinked})")
             continue
         _number_from_c2(out, members, comp, top, bottom)
+        joined = [s.image_id for s in members if s is top or out.modes[s.image_id] == "subject"]
+        if len(joined) > 1:
+            out.whole_spine = {i: shifts[i] - shifts[top.image_id] for i in joined}
 
 
 def _number_from_c2(out: SubjectLevels, members: list[Station], comp: dict[str, int], top: Station, bottom: Station | None) -> None:

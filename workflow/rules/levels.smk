@@ -26,10 +26,11 @@ rule label_levels:
     params:
         members=get_group_members,
         derivatives=DERIVATIVES,
+        whole_spine="--whole-spine" if config["whole_spine"] else "",
     shell:
         "spinecohort label-levels --manifest {input.manifest} --batch {wildcards.batch}"
         " --restore {input.restore} --derivatives {params.derivatives} --provenance {input.provenance}"
-        " --out {output} &> {log}"
+        " {params.whole_spine} --out {output} &> {log}"
 
 
 rule publish_derivative:
