@@ -170,6 +170,31 @@ def test_the_demo_fold_agreement_is_the_folds_pairwise_dice(demo_local_run: Path
 
 
 @pytest.mark.slow
+def test_the_demos_uncertainty_maps_point_at_its_errors(demo_local_run: Path):
+    """`…_seg-spine_unc.nii.gz` (the fraction of folds disagreeing with the ensemble) on each image's grid, in
+    [0, 1], against the phantom references: voxels whose foreground the published mask gets wrong carry far
+    more disagreement than the voxels it gets right (measured: 0.29 against 0.007, AUC 0.85)."""
+    from scipy.stats import mannwhitneyu
+
+    from spinecohort.pipeline import derivative_path
+
+    manifest = demo_local_run / "demo" / "cohort.tsv"
+    table = cohort.resolve_paths(cohort.read_manifest(manifest), manifest.parent)
+    tree = demo_local_run / "derivatives" / "spinecohort"
+    wrong, right = [], []
+    for _, row in table.iterrows():
+        unc, affine = io.load_image(derivative_path(tree, row, "spine", "unc.nii.gz"))
+        image, image_affine = io.load_image(row.image)
+        assert unc.shape == image.shape and np.allclose(affine, image_affine) and 0 <= unc.min() and unc.max() <= 1
+        errors = (io.load_mask(derivative_path(tree, row, "spine"))[0] > 0) != (io.load_mask(row.reference_semantic)[0] > 0)
+        assert unc[errors].mean() > 10 * unc[~errors].mean(), row.image_id
+        wrong.append(unc[errors])
+        right.append(unc[~errors])
+    wrong, right = np.concatenate(wrong), np.concatenate(right)
+    assert mannwhitneyu(wrong, right).statistic / (len(wrong) * len(right)) > 0.8
+
+
+@pytest.mark.slow
 def test_the_demo_qc_flags_exactly_the_misnamed_discs_and_the_review_page_links_the_worst(demo_local_run: Path):
     """No reference is read to flag; the references say which flags are right. The demo's discs all carry
     their own level (the references say so), so none is flagged; a disc named after the level above, as an

@@ -111,6 +111,11 @@ def raw_semantic(folder: Path, image_id: str) -> Path:
     return folder / f"{image_id}_seg-spine-raw_msk.nii.gz"
 
 
+def raw_uncertainty(folder: Path, image_id: str) -> Path:
+    """The fraction of folds disagreeing with the ensemble, in the model's space (average-folds --uncertainty)."""
+    return folder / f"{image_id}_seg-spine-raw_unc.nii.gz"
+
+
 def raw_instances(folder: Path, image_id: str) -> Path:
     """The instance mask in the instance model's space (before restoring)."""
     return folder / f"{image_id}_seg-vert-raw_msk.nii.gz"
@@ -120,12 +125,14 @@ class Derivative(NamedTuple):
     seg: str  # the seg- entity
     suffix: str
     stage: str  # the stage command whose work folder holds it under its BIDS name (and publishes it)
+    optional: bool = False  # made only when the config asks for it
 
 
 # Every published result per image. restore also keeps the station-numbered vertebra mask in its folder.
 DERIVATIVES: Final = (
     Derivative("spine", "msk.nii.gz", "restore"),
     Derivative("spine", "msk.json", "restore"),  # the provenance sidecar (BIDS)
+    Derivative("spine", "unc.nii.gz", "restore", optional=True),  # fold disagreement (config `uncertainty`)
     Derivative("vert", "msk.nii.gz", "label-levels"),
     Derivative("vert", "msk.json", "label-levels"),
     Derivative("spine", "snp.png", "label-levels"),  # SPINEPS's name: image | semantic | instances

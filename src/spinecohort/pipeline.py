@@ -187,16 +187,18 @@ def _predict_fold(
 
 
 def _average_folds(
-    *, manifest: Path, batch: str, out: Path, model: Path, folds: list[Path], resampled: Path
+    *, manifest: Path, batch: str, out: Path, model: Path, folds: list[Path], resampled: Path, uncertainty: bool = False
 ) -> None:
     """Also writes how much the folds agree (`metrics.fold_agreement` of their own argmax masks, in network
     space): per label the model outputs in `layout.FOLD_AGREEMENT`, the worst as ledger facts. Per label, not
-    per scored structure: the scoring config must not make the semantic phase rerun."""
+    per scored structure: the scoring config must not make the semantic phase rerun. With `uncertainty`, the
+    voxel map of fold disagreement too (`semantic.fold_disagreement`; restore brings it onto the input grid)."""
     from .geometry import spacing_of
     from .metrics import fold_agreement
     from .semantic import (
         average_fold_logits,
         clean_semantic,
+        fold_disagreement,
         fold_label_maps,
         logits_to_segmentation,
         map_labels,
@@ -212,6 +214,9 @@ def _average_folds(
         props = io.read_json(layout.fold_properties(folds[0], row.image_id))
         seg = logits_to_segmentation(config.path, average_fold_logits(logits), props)
         affine = io.load_affine(layout.model_input(resampled, row.image_id))
+        if uncertainty:
+            io.save_nifti(layout.raw_uncertainty(out, row.image_id), fold_disagreement(config.path, logits, seg, props), affine,
+                          dtype=np.float32)
         seg = clean_semantic(map_labels(seg, config.labels), spacing_of(affine))
         io.save_nifti(layout.raw_semantic(out, row.image_id), seg, affine, dtype=np.uint8)
         if len(logits) < 2:
@@ -266,8 +271,8 @@ def _publish(out: Path, row: pd.Series, derivatives: Path, command: str) -> None
     """Publish the image's results that stage `command` keeps in `out` into the BIDS tree (`io.publish`): the work
     folder is what Snakemake knows, the Snakefile relinks what goes missing from the tree (rule publish_derivative)."""
     for made in layout.DERIVATIVES:
-        if made.stage == command:
-            name = layout.derivative_name(row.image_id, made.seg, made.suffix)
+        name = layout.derivative_name(row.image_id, made.seg, made.suffix)
+        if made.stage == command and (not made.optional or (out / name).exists()):
             io.publish(out / name, derivative_path(derivatives, row, made.seg, made.suffix))
 
 
@@ -295,6 +300,11 @@ def _restore(*, manifest: Path, batch: str, out: Path, input: Path, instances: P
         io.save_nifti(out / layout.derivative_name(row.image_id, "vert"), instance, affine, dtype=np.uint16, codes=codes)
         io.write_json(out / layout.derivative_name(row.image_id, "spine", "msk.json"), prov.sidecar(
             run, source=cohort.manifest_entry(row.image, manifest.parent), description="semantic mask (SPINEPS labels), on the input image's grid"))
+        if (raw := layout.raw_uncertainty(input, row.image_id)).exists():  # average-folds --uncertainty
+            unc, unc_affine = io.load_image(raw)
+            io.save_nifti(out / layout.derivative_name(row.image_id, "spine", "unc.nii.gz"),
+                          np.clip(resample(unc, unc_affine, (image.shape, affine), kind="linear"), 0.0, 1.0), affine,
+                          dtype=np.float32, codes=codes)
         _publish(out, row, derivatives, "restore")
         note = f"{unclaimed} structure voxels no instance claims: removed from both masks" if unclaimed else ""
         return {"message": note, "numbering": numbering[row.image_id], "unclaimed_voxels": str(unclaimed)}
@@ -570,7 +580,8 @@ STAGE_COMMANDS: dict[str, tuple[Callable[..., None], str, tuple[tuple[tuple[str,
         _option("--fold", type=parse_fold, required=True, help='fold number, or "all"'), _DEVICE)),
     "average-folds": (_average_folds, "average fold logits, argmax, SPINEPS ids, clean-up", (
         _option("--folds", type=Path, nargs="+", required=True, help="per-fold logit folders, in fold order"),
-        _option("--resampled", type=Path, required=True, help="the batch's resampled folder (its grids)"), _MODEL)),
+        _option("--resampled", type=Path, required=True, help="the batch's resampled folder (its grids)"), _MODEL,
+        _option("--uncertainty", action="store_true", help="also the voxel map of fold disagreement (…_seg-spine_unc)"))),
     "assemble-instances": (_assemble_instances, "vertebra instances from the semantic masks (cutout U-Net)", (
         _option("--input", type=Path, required=True, help="the batch's semantic folder"),
         _option("--model", type=model_folder, required=True, help="SPINEPS instance model folder or its inference_config.json"),

@@ -301,6 +301,17 @@ def fold_label_maps(fold_logits: Sequence[NDArray[np.float16]], labels: dict[int
     return [map_labels(np.argmax(np.asarray(f)[:, step, step, step], axis=0), labels) for f in fold_logits]
 
 
+def fold_disagreement(model_folder: str | Path, fold_logits: Sequence[NDArray[np.float16]], ensemble: NDArray[np.uint8],
+                      properties: dict[str, Any]) -> NDArray[np.float32]:
+    """Per voxel of the model's input grid, the fraction of folds whose own segmentation (nnU-Net's conversion of
+    its logits alone) differs from the ensemble's `ensemble` (the same conversion of the averaged logits): 0 where
+    every fold agrees, 1 where none picks the ensemble's label. The voxel map behind `metrics.fold_agreement`."""
+    votes = np.zeros(ensemble.shape, np.uint8)
+    for logits in fold_logits:
+        votes += logits_to_segmentation(model_folder, np.asarray(logits), properties) != ensemble
+    return (votes / np.float32(len(fold_logits))).astype(np.float32)
+
+
 def logits_to_segmentation(model_folder: str | Path, logits: NDArray[np.float16], properties: dict[str, Any]) -> NDArray[np.uint8]:
     """nnU-Net's own conversion (resample to the input, argmax, uncrop); returns (i, j, k) order.
 

@@ -42,10 +42,12 @@ rule average_folds:
     resources:
         mem_mb=memory_mb(4000),
         runtime=batch_minutes(0.2),
+    params:
+        uncertainty="--uncertainty" if config["uncertainty"] else "",
     shell:
         "spinecohort average-folds --manifest {input.manifest} --batch {wildcards.batch}"
         " --folds {input.folds} --resampled {input.resampled} --model {input.model}"
-        " --out {output} &> {log}"
+        " {params.uncertainty} --out {output} &> {log}"
 
 
 rule restore:
