@@ -96,11 +96,13 @@ def level_z(volumes: pd.DataFrame) -> pd.Series:
     >>> level_z(v).round(2).tolist()
     [0.0, 0.67, -0.67, 0.0, 0.0, 0.67, -0.67, 13.49]
     """
-    by_level = volumes.groupby(["region", "level"]).ngroup()  # the string keys factorized once
-    median = volumes.mm3.groupby(by_level).transform("median")
-    mad = 1.4826 * (volumes.mm3 - median).abs().groupby(by_level).transform("median")
-    enough = volumes.mm3.groupby(by_level).transform("size") >= VOLUME_MIN_IMAGES
-    return ((volumes.mm3 - median) / mad).where(enough & (mad > 0))
+    by_level = volumes.groupby(["region", "level"], sort=False).ngroup().to_numpy()  # the string keys factorized once
+    mm3 = volumes.mm3.to_numpy(float)
+    median = pd.Series(mm3).groupby(by_level).median().to_numpy()[by_level]
+    mad = 1.4826 * pd.Series(np.abs(mm3 - median)).groupby(by_level).median().to_numpy()[by_level]
+    enough = np.bincount(by_level)[by_level] >= VOLUME_MIN_IMAGES
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return pd.Series(np.where(enough & (mad > 0), (mm3 - median) / mad, np.nan), index=volumes.index)
 
 
 def qc_table(images: pd.DataFrame, agreement: pd.DataFrame, volumes: pd.DataFrame) -> pd.DataFrame:
@@ -110,10 +112,12 @@ def qc_table(images: pd.DataFrame, agreement: pd.DataFrame, volumes: pd.DataFram
     structure, dsc (fold agreement per label); `volumes`: image_id, region, level, mm3 (images with levels).
     """
     table = images.copy()
+    # Lookups by reindexing, not Series.map: map on pyarrow strings converts value by value (0.2 s at 90,000 images).
     bodies = agreement[agreement.structure == AGREEMENT_STRUCTURE].groupby("image_id")["dsc"].mean()
-    table["fold_agreement"] = table.image_id.map(bodies)
-    table["volume_z_max"] = table.image_id.map(level_z(volumes).abs().groupby(volumes.image_id).max())
-    low, high = (table.region.map({r: ends[k] for r, ends in STATION_VERTEBRAE.items()}) for k in (0, 1))
+    table["fold_agreement"] = bodies.reindex(table.image_id).to_numpy()
+    table["volume_z_max"] = level_z(volumes).abs().groupby(volumes.image_id).max().reindex(table.image_id).to_numpy()
+    ends = pd.DataFrame(STATION_VERTEBRAE, index=["low", "high"]).T.reindex(table.region)
+    low, high = (pd.Series(ends[k].to_numpy(), index=table.index) for k in ("low", "high"))
     flags = {
         "folds_disagree": table.fold_agreement < FOLDS_AGREE,
         "vertebra_count": (table.vertebrae < low) | (table.vertebrae > high),
@@ -123,8 +127,9 @@ def qc_table(images: pd.DataFrame, agreement: pd.DataFrame, volumes: pd.DataFram
     }
     # Each image's flags as a bit pattern, named once per pattern (a row-wise join takes 13 s for 90,000 images).
     pattern = sum((flags[name].to_numpy(dtype=int) << bit for bit, name in enumerate(FLAGS)), np.zeros(len(table), int))
-    names = {p: ",".join(name for bit, name in enumerate(FLAGS) if p >> bit & 1) for p in np.unique(pattern).tolist()}
-    table["flags"] = pd.Series(pattern, index=table.index).map(names).astype(str)
+    patterns, which = np.unique(pattern, return_inverse=True)
+    names = np.array([",".join(name for bit, name in enumerate(FLAGS) if p >> bit & 1) for p in patterns.tolist()], dtype=object)
+    table["flags"] = names[which].astype(str)
     plausibility = sum(flags[name].astype(int) for name in SCORED_FLAGS)
     table["score"] = (1 - table.fold_agreement.fillna(1.0)) + FLAG_WEIGHT * plausibility
     return table.sort_values(["score", "image_id"], ascending=[False, True], kind="stable").reset_index(drop=True)
