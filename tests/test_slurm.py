@@ -162,7 +162,8 @@ def test_demo_runs_on_slurm_like_locally_and_survives_a_killed_job(cluster, demo
 
     cluster_masks = masks(tmp_path / "results")
     local = {name: array for name, array in masks(demo_local_run).items() if name in cluster_masks}
-    assert local.keys() == cluster_masks.keys() and len(local) == 2 * 3
+    # The three stations' semantic and vertebra masks, and the subject's stitched pair (whole_spine).
+    assert local.keys() == cluster_masks.keys() and len(local) == 2 * 3 + 2
     for name, array in local.items():
         assert np.array_equal(array, cluster_masks[name]), name
     ours = pd.read_parquet(tmp_path / "results" / "scores").sort_values(["image_id", "structure", "metric"], ignore_index=True)
