@@ -100,7 +100,9 @@ def level_z(volumes: pd.DataFrame) -> pd.Series:
     # groupby medians on the two string keys cost 0.1 s at 90,000 images (benchmarks/bench_qc_summary.py).
     region = pd.factorize(volumes.region)[0]
     level, levels = pd.factorize(volumes.level)
-    group = (region * len(levels) + level).astype(np.int16)  # numpy sorts 16-bit integers by radix
+    group = region * len(levels) + level
+    if len(group) and group.max() <= np.iinfo(np.int16).max:
+        group = group.astype(np.int16)  # numpy sorts 16-bit integers by radix; wider codes keep their width
     order = np.argsort(group, kind="stable")
     mm3 = volumes.mm3.to_numpy(float)[order]
     ends = np.cumsum(np.bincount(group))
