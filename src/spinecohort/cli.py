@@ -149,6 +149,10 @@ def _describe(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .runtime import JobClock, keep_freed_memory
+
+    clock = JobClock()
+    keep_freed_memory()
     parser = build_parser()
     args = parser.parse_args(argv)
     # Our own logger only: third-party INFO chatter stays out of job logs.
@@ -165,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ManifestError, ImageError, ValueError, OSError) as exc:
         print(f"spinecohort {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    log.info("%s: %s", args.command, clock.line())  # what the job cost, as measured from inside
     return 0
 
 

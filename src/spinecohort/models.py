@@ -128,6 +128,7 @@ def write_random_semantic_model(
     spacing: Sequence[float] = (2.0, 2.0, 4.4),
     patch_zyx: Sequence[int] = (16, 96, 96),
     features: Sequence[int] = (4, 8, 16, 32),
+    strides: Sequence[Sequence[int]] = ((1, 1, 1), (1, 2, 2), (2, 2, 2), (1, 2, 2)),
     folds: int = 3,
     seed: int = 0,
 ) -> Path:
@@ -143,7 +144,7 @@ def write_random_semantic_model(
 
     out = Path(out)
     n_classes = len(SEMANTIC_INDEX) + 1
-    plans = nnunet_plans(spacing_zyx=list(spacing)[::-1], patch_zyx=patch_zyx, features=features)
+    plans = nnunet_plans(spacing_zyx=list(spacing)[::-1], patch_zyx=patch_zyx, features=features, strides=strides)
     dataset = nnunet_dataset_json(n_classes)
     manager = PlansManager(plans)
     configuration = manager.get_configuration("3d_fullres")

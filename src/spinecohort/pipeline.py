@@ -238,11 +238,13 @@ def _assemble_instances(
     from .geometry import resample, target_grid
     from .instance_net import NetworkPredictor
     from .instances import assemble, read_instance_model
+    from .runtime import tune_for
     from .semantic import pick_device
 
     torch.set_num_threads(threads)
     config = read_instance_model(model)
     predictor = NetworkPredictor(config.checkpoint, device=pick_device(device))
+    tune_for(predictor.device)
     log.info("instance model %s on device %s", config.checkpoint, predictor.device)
 
     def work(row: pd.Series) -> Outcome:

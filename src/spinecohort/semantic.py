@@ -195,8 +195,11 @@ class FoldPredictor:
         import torch
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+        from .runtime import tune_for
+
         torch.set_num_threads(threads)
         self.device = pick_device(device)
+        tune_for(self.device)
         self.predictor = nnUNetPredictor(
             tile_step_size=model.step_size,
             use_gaussian=True,

@@ -1,0 +1,124 @@
+"""The GPU path (issue 20): images per hour of `predict-fold` and `assemble-instances` on a device, how far its
+masks agree with the CPU's, and SPINEPS's own predictor on the same models where its environment is given.
+
+NAKO-size phantoms (448x448x15), the shipped demo models. N4 and resampling run once on the CPU; then per
+device (the GPU, then the CPU): the three fold jobs, averaging and the instance job, each a real
+`spinecohort` process; images per hour from each job's wall time, start-up included (its log's last
+line). Agreement: share of the foreground (either mask) with the same label, semantic and instance masks,
+device against CPU. `--spineps PYTHON`: `spineps dataset --no-n4 -ml none` on our N4 images on the device.
+Run by benchmarks/gpu.sh. `--quick`: one small image, CPU against CPU (tests/test_benchmarks.py). Last line: JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from spinecohort import io, layout
+from spinecohort.phantom import write_cohort
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "resources" / "demo_models"
+BATCH = "b0001"
+JOB_COST = re.compile(r"INFO [\w-]+: ([\d.]+) CPU-s in ([\d.]+) s wall")
+
+
+def job(stage: str, manifest: Path, out: Path, *args: str, threads: int) -> float:
+    """Run one stage job over the batch; its wall seconds as the job measured them."""
+    cmd = [sys.executable, "-m", "spinecohort.cli", stage, "--manifest", str(manifest), "--batch", BATCH,
+           "--out", str(out), "--threads", str(threads), *args]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{stage} failed:\n{proc.stderr[-3000:]}")
+    return float(JOB_COST.findall(proc.stderr)[-1][1])
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    foreground = (a > 0) | (b > 0)
+    return float(((a == b) & foreground).sum() / max(int(foreground.sum()), 1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--images", type=int, default=6, help="a multiple of 3 (whole subjects)")
+    parser.add_argument("--spineps", type=Path, help="the python of a SPINEPS 2.1.3 environment")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    preset = "small" if args.quick else "nako"
+    if args.quick:
+        args.device, args.images = "cpu", 3
+    threads = len(os.sched_getaffinity(0))
+    semantic_model, instance_model = MODELS / "semantic" / "inference_config.json", MODELS / "instance" / "inference_config.json"
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        manifest = write_cohort(tmp / "cohort", subjects=max(1, args.images // 3), preset=preset, batch_size=args.images)
+        ids = [line.split("\t")[3] for line in manifest.read_text().splitlines()[1:]]
+        n4, resampled = tmp / "n4", tmp / "resampled"
+        job("bias-correct", manifest, n4, threads=threads)
+        job("resample", manifest, resampled, "--input", str(n4), "--model", str(semantic_model), threads=threads)
+        wall: dict[str, dict[str, float]] = {}
+        for device in dict.fromkeys(("cpu", args.device)):  # the CPU first: the device's instance job reads its masks
+            w, folds = {}, []
+            for fold in range(3):
+                folds.append(tmp / device / f"fold{fold}")
+                w[f"fold{fold}"] = job("predict-fold", manifest, folds[-1], "--input", str(resampled), "--model",
+                                       str(semantic_model), "--fold", str(fold), "--device", device, threads=threads)  # fmt: skip
+            w["average"] = job("average-folds", manifest, tmp / device / "semantic", "--folds", *map(str, folds),
+                               "--resampled", str(resampled), "--model", str(semantic_model), threads=threads)  # fmt: skip
+            # Every device's instance job starts from the CPU's semantic masks: their agreement is the instance phase's alone.
+            w["instances"] = job("assemble-instances", manifest, tmp / device / "instances", "--input", str(tmp / "cpu" / "semantic"),
+                                 "--model", str(instance_model), "--device", device, threads=threads)  # fmt: skip
+            wall[device] = w
+        semantic_agree = [agreement(io.load_mask(layout.raw_semantic(tmp / args.device / "semantic", i))[0],
+                                    io.load_mask(layout.raw_semantic(tmp / "cpu" / "semantic", i))[0]) for i in ids]  # fmt: skip
+        instance_agree = [agreement(io.load_mask(layout.raw_instances(tmp / args.device / "instances", i))[0],
+                                    io.load_mask(layout.raw_instances(tmp / "cpu" / "instances", i))[0]) for i in ids]  # fmt: skip
+        spineps = None
+        if args.spineps:
+            data = tmp / "spineps"
+            for i in ids:  # our N4 images, so its predictor gets what ours got
+                target = data / "rawdata" / f"sub-{i.split('_')[0].removeprefix('sub-')}" / "anat" / f"{i}_T2w.nii.gz"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(layout.n4_image(n4, i), target)
+            started = time.monotonic()
+            proc = subprocess.run([str(args.spineps), "-m", "spineps.entrypoint", "dataset", "-i", str(data), "-ms",
+                                   str(semantic_model.parent), "-mi", str(instance_model.parent), "-ml", "none", "--no-n4"]
+                                  + (["--cpu"] if args.device == "cpu" else []), capture_output=True, text=True)  # fmt: skip
+            total = time.monotonic() - started
+            pipeline = sum(map(float, re.findall(r"Pipeline took: ([\d.]+) seconds", proc.stdout + proc.stderr)))
+            spineps = {"finished": proc.returncode == 0, "wall_s": round(total, 1), "pipeline_s": round(pipeline, 1),
+                       "images_per_hour_pipeline": round(3600 * len(ids) / pipeline, 1) if pipeline else None}  # fmt: skip
+
+    def per_hour(seconds: float) -> float:
+        return round(3600 * len(ids) / seconds, 1)
+
+    print(f"{len(ids)} {preset} images, {threads} threads; images per hour of each job (start-up included)")
+    for device, w in wall.items():
+        print(f"  {device:<6}" + "  ".join(f"{k} {per_hour(v)}" for k, v in w.items()))
+    print(f"  agreement {args.device} vs cpu: semantic min {min(semantic_agree):.5f}, instances min {min(instance_agree):.5f}")
+    if spineps:
+        print(f"  SPINEPS 2.1.3 on {args.device}: {spineps}")
+    print(json.dumps({
+        "figure": f"{args.device}: images per hour, {len(ids)} {preset} images", "device": args.device,
+        "predict_fold_images_per_hour": per_hour(np.median([wall[args.device][f"fold{f}"] for f in range(3)])),
+        "assemble_instances_images_per_hour": per_hour(wall[args.device]["instances"]),
+        "cpu_predict_fold_images_per_hour": per_hour(np.median([wall["cpu"][f"fold{f}"] for f in range(3)])),
+        "cpu_assemble_instances_images_per_hour": per_hour(wall["cpu"]["instances"]),
+        "semantic_agreement_min": round(min(semantic_agree), 6), "instance_agreement_min": round(min(instance_agree), 6),
+        "spineps": spineps,
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
