@@ -26,11 +26,11 @@ import numpy as np
 
 from spinecohort import io, layout
 from spinecohort.phantom import write_cohort
+from spinecohort.runtime import COST_LINE
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "resources" / "demo_models"
 BATCH = "b0001"
-JOB_COST = re.compile(r"INFO [\w-]+: ([\d.]+) CPU-s in ([\d.]+) s wall")
 
 
 def job(stage: str, manifest: Path, out: Path, *args: str, threads: int) -> float:
@@ -40,7 +40,7 @@ def job(stage: str, manifest: Path, out: Path, *args: str, threads: int) -> floa
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{stage} failed:\n{proc.stderr[-3000:]}")
-    return float(JOB_COST.findall(proc.stderr)[-1][1])
+    return float(COST_LINE.findall(proc.stderr)[-1][2])
 
 
 def agreement(a: np.ndarray, b: np.ndarray) -> float:

@@ -313,12 +313,11 @@ def test_every_stage_of_the_layout_is_a_command_whose_options_fill_its_driver():
 def test_every_job_log_ends_with_its_cost_as_the_readme_shows(tmp_path: Path):
     """The last line of a job's log: its CPU seconds (imports included), wall seconds and peak memory, in the
     README's form; memory reuse is on (glibc), which changes no result (the fold and determinism tests)."""
-    import re
     import subprocess
 
+    from spinecohort.runtime import COST_LINE as cost
     from spinecohort.runtime import keep_freed_memory
 
-    cost = re.compile(r"INFO (\S+): ([\d.]+) CPU-s in ([\d.]+) s wall, peak memory ([\d.]+) GiB$")
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text().split("## Speed")[1]
     assert cost.search(readme.split("```\n")[1].strip()), "README's example line is not the jobs' form"
     proc = subprocess.run([sys.executable, "-m", "spinecohort.cli", "phantom", str(tmp_path), "--subjects", "1"],

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import re
 import resource
 import time
 
-__all__ = ["keep_freed_memory", "JobClock", "tune_for"]
+__all__ = ["keep_freed_memory", "JobClock", "COST_LINE", "tune_for"]
 
 # mallopt(3) parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -54,6 +55,10 @@ class JobClock:
         cpu = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
         peak = max(own.ru_maxrss, children.ru_maxrss) / 2**20  # KiB on Linux
         return f"{cpu:.2f} CPU-s in {time.monotonic() - self.started:.2f} s wall, peak memory {peak:.2f} GiB"
+
+
+# `JobClock.line` as the CLI logs it (`predict-fold: 31.04 CPU-s in ...`): command, CPU-s, wall s, peak GiB.
+COST_LINE = re.compile(r"INFO ([\w-]+): ([\d.]+) CPU-s in ([\d.]+) s wall, peak memory ([\d.]+) GiB$", re.MULTILINE)
 
 
 def tune_for(device) -> None:
