@@ -85,44 +85,103 @@ def random_model(tmp_path_factory) -> Path:
     return write_random_semantic_model(tmp_path_factory.mktemp("model") / "semantic", patch_zyx=(16, 64, 64))
 
 
-def test_fold_jobs_plus_averaging_equal_nnunet_in_process(random_model: Path, tmp_path: Path):
+def test_stored_logits_read_back_bit_for_bit_and_smaller_than_the_plain_bits(tmp_path: Path):
+    """Every float16 bit pattern (both zeros, infinities, NaNs, subnormals) survives the encoding; smooth
+    logits take fewer bytes than blosc2 gives their plain bits; older plain files still read."""
+    import blosc2
+
+    every = np.arange(2**16, dtype=np.uint16).view(np.float16).reshape(4, 8, 32, 64)
+    io.save_logits(tmp_path / "every.b2nd", every)
+    assert np.array_equal(io.load_logits(tmp_path / "every.b2nd").view(np.uint16), every.view(np.uint16))
+    z, y, x = np.meshgrid(*(np.linspace(0, 3, n) for n in (12, 96, 96)), indexing="ij")
+    rng = np.random.default_rng(0)
+    smooth = np.stack([np.sin(z + k) * np.cos(y - k) * 8 + x + rng.normal(0, 0.01, x.shape) for k in range(5)]).astype(np.float16)
+    io.save_logits(tmp_path / "smooth.b2nd", smooth)
+    assert np.array_equal(io.load_logits(tmp_path / "smooth.b2nd").view(np.uint16), smooth.view(np.uint16))
+    plain = blosc2.CParams(codec=blosc2.Codec.ZSTD, clevel=1, filters=[blosc2.Filter.SHUFFLE])
+    blosc2.asarray(smooth, urlpath=str(tmp_path / "plain.b2nd"), mode="w", cparams=plain)
+    assert (tmp_path / "smooth.b2nd").stat().st_size < 0.9 * (tmp_path / "plain.b2nd").stat().st_size
+    assert np.array_equal(io.load_logits(tmp_path / "plain.b2nd").view(np.uint16), smooth.view(np.uint16))
+    stored = blosc2.open(str(tmp_path / "plain.b2nd"), mode="a")
+    stored.schunk.vlmeta["encoding"] = "something newer"
+    with pytest.raises(ValueError, match="something newer"):
+        io.load_logits(tmp_path / "plain.b2nd")
+
+
+def test_fold_jobs_plus_averaging_equal_nnunet_in_process(random_model: Path, small_cohort: Path, tmp_path: Path):
+    """The fold jobs as the workflow runs them (reading ahead, writing behind, a bad image among good ones):
+    their stored logits, averaged and exported, are nnU-Net's own ensemble bit for bit, and the bad image
+    fails alone."""
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+    from spinecohort import layout
+
     model = semantic.read_model_config(random_model)
-    cases = []
-    for k, region in enumerate(("cervical", "lumbar")):
-        ph = render_station(make_subject(k, 1), region, PRESETS["small"], seed=k, index=1)
-        img, aff = preprocess.to_model_space(ph.image, ph.affine, orientation=model.orientation, spacing=model.spacing)
-        path = tmp_path / "in" / f"case{k}_0000.nii.gz"
-        io.save_nifti(path, img, aff, dtype=np.float32)
-        cases.append(path)
-    per_fold = [semantic.FoldPredictor(model, f) for f in model.folds]
-    ours = []
-    for path in cases:
-        outputs = [p.predict(path) for p in per_fold]
-        props = io.read_json(io_roundtrip(tmp_path, outputs[0][1]))
-        logits = [io.load_logits(io_roundtrip_logits(tmp_path, fold_logits)) for fold_logits, _ in outputs]
-        ours.append(semantic.logits_to_segmentation(random_model, semantic.average_fold_logits(logits), props))
+    rows = pipeline.batch_rows(small_cohort, "b0001")
+    ids = list(rows.image_id)
+    bad = ids[1]  # reading ahead of it, and writing behind it, must not blame its neighbours
+    inputs, ref_in = tmp_path / "resampled", tmp_path / "ref_in"
+    ref_in.mkdir()
+    for row in rows.itertuples():
+        img, aff = preprocess.to_model_space(*io.load_image(row.image), orientation=model.orientation, spacing=model.spacing)
+        io.save_nifti(layout.model_input(inputs, row.image_id), img, aff, dtype=np.float32)
+        if row.image_id != bad:
+            io.save_nifti(layout.model_input(ref_in, row.image_id), img, aff, dtype=np.float32)
+    # Not a NIfTI at all: nnU-Net's reader (SimpleITK) reads a truncated .nii.gz without complaint
+    layout.model_input(inputs, bad).write_bytes(b"not an image")
+    io.write_tsv(inputs / layout.LEDGER, pd.DataFrame({"image_id": ids, "stage": "resample", "status": "ok", "message": ""}))
+    for f in model.folds:
+        pipeline._predict_fold(manifest=small_cohort, batch="b0001", out=tmp_path / f"fold{f}", threads=1, input=inputs,
+                               model=random_model, fold=f, device="cpu")  # fmt: skip
+        ledger = pd.read_csv(tmp_path / f"fold{f}" / layout.LEDGER, sep="\t", keep_default_na=False).set_index("image_id")
+        assert list(ledger.index) == ids and list(ledger.status) == ["ok", "failed", "ok", "ok"]
+        assert not layout.fold_logits(tmp_path / f"fold{f}", bad).exists()
     ref = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, perform_everything_on_device=False,
                           device=torch.device("cpu"), verbose=False, allow_tqdm=False)
     ref.initialize_from_trained_model_folder(str(random_model), use_folds=tuple(model.folds))
     (tmp_path / "ref").mkdir()
-    ref.predict_from_files_sequential(str(tmp_path / "in"), str(tmp_path / "ref"))
-    for k, seg in enumerate(ours):
-        expected = np.asarray(nib.load(tmp_path / "ref" / f"case{k}.nii.gz").dataobj)
+    ref.predict_from_files_sequential(str(ref_in), str(tmp_path / "ref"))
+    for image_id in ids:
+        if image_id == bad:
+            continue
+        logits = [io.load_logits(layout.fold_logits(tmp_path / f"fold{f}", image_id)) for f in model.folds]
+        props = io.read_json(layout.fold_properties(tmp_path / "fold0", image_id))
+        seg = semantic.logits_to_segmentation(random_model, semantic.average_fold_logits(logits), props)
+        expected = np.asarray(nib.load(tmp_path / "ref" / f"{image_id}.nii.gz").dataobj)
         assert len(np.unique(expected)) > 3  # a non-trivial segmentation
-        assert np.array_equal(seg, expected)
+        assert np.array_equal(seg, expected), image_id
 
 
-def io_roundtrip(tmp_path: Path, props: dict) -> Path:
-    io.write_json(tmp_path / "props.json", props)
-    return tmp_path / "props.json"
+def test_a_stage_whose_work_ends_in_a_future_records_each_image_when_its_future_ends(tmp_path: Path):
+    """Image k's future (its writes) runs while image k+1's work runs; a future that fails fails its own
+    image only; the ledger keeps the batch's order."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
 
+    next_started = {k: threading.Event() for k in range(4)}
+    rows = pd.DataFrame({"image_id": [f"img{k}" for k in range(4)], "image": [f"img{k}.nii.gz" for k in range(4)]})
 
-def io_roundtrip_logits(tmp_path: Path, logits: np.ndarray) -> Path:
-    io.save_logits(tmp_path / "logits.b2nd", logits)
-    return tmp_path / "logits.b2nd"
+    def tail(k: int) -> str:
+        if k < 3 and not next_started[k + 1].wait(timeout=30):
+            raise RuntimeError("the next image did not start while this one was finishing")
+        if k == 1:
+            raise OSError("write failed")
+        return f"written {k}"
+
+    with ThreadPoolExecutor(1) as writer:
+
+        def work(row):
+            k = int(row.image_id[3:])
+            next_started[k].set()
+            if k == 2:
+                raise ValueError("img2: unreadable")
+            return writer.submit(tail, k)
+
+        ledger = pipeline.run_stage("predict-fold", rows, tmp_path / "out", work)
+    assert list(ledger.image_id) == ["img0", "img1", "img2", "img3"]
+    assert list(ledger.status) == ["ok", "failed", "failed", "ok"]
+    assert list(ledger.message) == ["written 0", "img1.nii.gz: OSError: write failed", "img2: unreadable", "written 3"]
 
 
 def test_clean_semantic_drops_specks_and_far_islands_and_fills_holes():

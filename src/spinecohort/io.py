@@ -17,7 +17,7 @@ import tempfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import nibabel as nib
 import numpy as np
@@ -241,20 +241,48 @@ def write_tsv(path: str | os.PathLike[str], table: pd.DataFrame) -> None:
         table.to_csv(tmp, sep="\t", index=False, lineterminator="\n")
 
 
-def save_logits(path: str | os.PathLike[str], logits: NDArray[np.float16]) -> None:
-    """Store float16 logits losslessly with blosc2 (zstd level 1, byte shuffle).
+LOGIT_ENCODING: Final = "float16 bits as ordered integers, delta along axis -2, zigzag"
+"""What `save_logits` stores, kept in each file's blosc2 metadata; files without it hold the plain bits."""
 
-    Level 1 writes 4x faster than level 5 for 3 % more bytes (`benchmarks/bench_folds.py`).
+
+def save_logits(path: str | os.PathLike[str], logits: NDArray[np.float16]) -> None:
+    """Store float16 logits losslessly: LOGIT_ENCODING, bit shuffle, zstd level 1 (blosc2).
+
+    A trained network's logits change smoothly from voxel to voxel, so the difference of neighbours'
+    float16 bit patterns (read as integers ordered like the floats) is small and compresses; every step is
+    a bijection on 16-bit integers, so `load_logits` gives back the very bits and fold averaging stays
+    exact. NAKO-size image, trained model: 108 MiB per fold, against 120 MiB for the plain bits and 187 raw
+    (`benchmarks/bench_logits.py`); level 1 writes 4x faster than level 5 for 3 % more bytes.
     """
     import blosc2
 
-    arr = np.ascontiguousarray(logits, dtype=np.float16)
-    cparams = blosc2.CParams(codec=blosc2.Codec.ZSTD, clevel=1, filters=[blosc2.Filter.SHUFFLE], nthreads=2)
+    cparams = blosc2.CParams(codec=blosc2.Codec.ZSTD, clevel=1, filters=[blosc2.Filter.BITSHUFFLE], nthreads=2)
+    encoded = _encode_logits(np.ascontiguousarray(logits, dtype=np.float16))
     with atomic_path(path) as tmp:
-        blosc2.asarray(arr, urlpath=str(tmp), mode="w", cparams=cparams)
+        stored = blosc2.asarray(encoded, urlpath=str(tmp), mode="w", cparams=cparams)
+        stored.schunk.vlmeta["encoding"] = LOGIT_ENCODING
 
 
 def load_logits(path: str | os.PathLike[str]) -> NDArray[np.float16]:
     import blosc2
 
-    return np.asarray(blosc2.open(str(path))[:], dtype=np.float16)
+    stored = blosc2.open(str(path))
+    bits = np.asarray(stored[:])
+    if "encoding" not in stored.schunk.vlmeta:  # written before the encoding existed
+        return bits.view(np.float16)
+    if (encoding := stored.schunk.vlmeta["encoding"]) != LOGIT_ENCODING:
+        raise ValueError(f"{path}: logits stored as {encoding!r}; this version reads {LOGIT_ENCODING!r}")
+    return _decode_logits(bits.view(np.uint16))
+
+
+def _encode_logits(logits: NDArray[np.float16]) -> NDArray[np.uint16]:
+    bits = logits.view(np.uint16)
+    ordered = np.where(bits & 0x8000, ~bits, bits | 0x8000)  # negative floats reversed below the positive ones
+    delta = np.diff(ordered, axis=-2, prepend=np.zeros_like(ordered[..., :1, :])).view(np.int16)  # wraps: exact
+    return ((delta << 1) ^ (delta >> 15)).view(np.uint16)  # zigzag: small negative deltas small too
+
+
+def _decode_logits(zigzag: NDArray[np.uint16]) -> NDArray[np.float16]:
+    delta = (zigzag >> 1) ^ ((zigzag & 1) * np.uint16(0xFFFF))
+    ordered = np.cumsum(delta, axis=-2, dtype=np.uint16)
+    return np.where(ordered & 0x8000, ordered & 0x7FFF, ~ordered).astype(np.uint16).view(np.float16)

@@ -13,11 +13,13 @@ import argparse
 import errno
 import functools
 import inspect
+import itertools
 import json
 import logging
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -99,7 +101,7 @@ def run_stage(
     stage: str,
     rows: pd.DataFrame,
     out: Path,
-    work: Callable[[pd.Series], Outcome],
+    work: Callable[[pd.Series], Outcome | Future[Outcome]],
     *,
     upstream: list[Path] = (),  # type: ignore[assignment]
     failed_before: dict[str, str] | None = None,
@@ -107,35 +109,52 @@ def run_stage(
     """Apply `work` to every row; record ok/failed/skipped per image in `out/ledger.tsv`.
 
     `work` may return a note (e.g. "no anchor visible"), kept as the message of an ok row,
-    or a dict of the message and fact columns (empty in rows that lack them). Images an `upstream` ledger
+    or a dict of the message and fact columns (empty in rows that lack them), or a Future of either: the
+    image's last step (e.g. writing its outputs) then runs on while the next image's work runs, and its
+    row is recorded when it ends, a failure still its own. Images an `upstream` ledger
     (or `failed_before`, image_id -> reason) does not have as ok are skipped with the reason.
     """
     out.mkdir(parents=True, exist_ok=True)
     failed_before = failed_before if failed_before is not None else upstream_failures(list(upstream))
     records: list[dict[str, str]] = []
+    unfinished: tuple[pd.Series, dict[str, str], Future[Outcome]] | None = None
     started, worked = time.monotonic(), 0
     for k, (_, row) in enumerate(rows.iterrows(), start=1):
         record = {"image_id": row.image_id, "stage": stage}
+        records.append(record)
         if row.image_id in failed_before:
-            records.append({**record, "status": "skipped", "message": failed_before[row.image_id]})
+            record.update(status="skipped", message=failed_before[row.image_id])
             continue
         if worked:  # a long batch is never silent until it ends
             log.info("%s", progress_line(stage, k - 1, len(rows), time.monotonic() - started, worked))
         worked += 1
-        try:
-            outcome = work(row)
-            facts = outcome if isinstance(outcome, dict) else {"message": outcome or ""}
-            records.append({**record, "status": "ok", "message": "", **facts})
-        except Exception as exc:  # one image must never cost the batch
-            if isinstance(exc, OSError) and exc.errno in STORAGE_ERRORS:  # nor be blamed for the storage
-                raise OSError(exc.errno, f"{stage} stopped at {row.image_id}: {exc.strerror} (writing to {exc.filename or out})") from exc
-            message = str(exc) if isinstance(exc, ValueError) else f"{row.image}: {type(exc).__name__}: {exc}"
-            log.error("%s failed in %s: %s\n%s", row.image_id, stage, message, traceback.format_exc())
-            records.append({**record, "status": "failed", "message": message})
+        running = _record(stage, row, out, record, functools.partial(work, row))
+        if unfinished:
+            _record(stage, unfinished[0], out, unfinished[1], unfinished[2].result)
+        unfinished = (row, record, running) if running else None
+    if unfinished:
+        _record(stage, unfinished[0], out, unfinished[1], unfinished[2].result)
     ledger = pd.DataFrame(records, columns=list(dict.fromkeys([*layout.LEDGER_COLUMNS, *(k for r in records for k in r)]))).fillna("")
     io.write_tsv(out / LEDGER, ledger)
     log.info("%s: %d ok, %d failed, %d skipped", stage, *(int((ledger.status == s).sum()) for s in ("ok", "failed", "skipped")))
     return ledger
+
+
+def _record(stage: str, row: pd.Series, out: Path, record: dict[str, str], call: Callable[[], Outcome | Future[Outcome]]) -> Future[Outcome] | None:
+    """Fill `record` with how `call` went for `row`'s image; a Future it returns is given back, unrecorded."""
+    try:
+        outcome = call()
+        if isinstance(outcome, Future):
+            return outcome
+        facts = outcome if isinstance(outcome, dict) else {"message": outcome or ""}
+        record.update({"status": "ok", "message": "", **facts})
+    except Exception as exc:  # one image must never cost the batch
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRORS:  # nor be blamed for the storage
+            raise OSError(exc.errno, f"{stage} stopped at {row.image_id}: {exc.strerror} (writing to {exc.filename or out})") from exc
+        message = str(exc) if isinstance(exc, ValueError) else f"{row.image}: {type(exc).__name__}: {exc}"
+        log.error("%s failed in %s: %s\n%s", row.image_id, stage, message, traceback.format_exc())
+        record.update(status="failed", message=message)
+    return None
 
 
 def _bias_correct(
@@ -173,17 +192,38 @@ def _resample(*, manifest: Path, batch: str, out: Path, threads: int, input: Pat
 def _predict_fold(
     *, manifest: Path, batch: str, out: Path, threads: int, input: Path, model: Path, fold: Fold, device: str
 ) -> None:
+    """While the network predicts image k, image k+1 is read and preprocessed and image k-1's logits
+    written, each in a thread of its own: the device is kept busy. The same calls in the same order per
+    image as one after another, so the same bytes."""
     from .semantic import FoldPredictor, read_model_config
 
     predictor = FoldPredictor(read_model_config(model), fold, device=device, threads=threads)
     log.info("fold %s on device %s", fold, predictor.device)
+    rows = batch_rows(manifest, batch)
+    failed_before = upstream_failures([input])
+    following = dict(itertools.pairwise(i for i in rows.image_id if i not in failed_before))
+    ahead: dict[str, Future[tuple[NDArray[np.float32], dict[str, Any]]]] = {}
 
-    def work(row: pd.Series) -> None:
-        logits, props = predictor.predict(layout.model_input(input, row.image_id))
-        io.write_json(layout.fold_properties(out, row.image_id), props)
-        io.save_logits(layout.fold_logits(out, row.image_id), logits)
+    def write(image_id: str, logits: NDArray[np.float16], props: dict[str, Any]) -> None:
+        io.write_json(layout.fold_properties(out, image_id), props)
+        io.save_logits(layout.fold_logits(out, image_id), logits)
 
-    run_stage(layout.ledger_stage("predict-fold", fold=fold), batch_rows(manifest, batch), out, work, upstream=[input])
+    started = time.monotonic()
+    with ThreadPoolExecutor(1, "read") as reader, ThreadPoolExecutor(1, "write") as writer:
+
+        def read(image_id: str) -> Future[tuple[NDArray[np.float32], dict[str, Any]]]:
+            return reader.submit(predictor.prepare, layout.model_input(input, image_id))
+
+        def work(row: pd.Series) -> Future[Outcome]:
+            prepared = ahead.pop(row.image_id, None) or read(row.image_id)
+            if row.image_id in following:
+                ahead[following[row.image_id]] = read(following[row.image_id])
+            data, props = prepared.result()  # its failure is this image's
+            return writer.submit(write, row.image_id, predictor.logits(data), props)
+
+        run_stage(layout.ledger_stage("predict-fold", fold=fold), rows, out, work, failed_before=failed_before)
+    wall = time.monotonic() - started
+    log.info("fold %s: network busy %.0f %% of the batch's %.1f s", fold, 100 * predictor.network_seconds / max(wall, 1e-9), wall)
 
 
 def _average_folds(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,6 +212,7 @@ class FoldPredictor:
             allow_tqdm=False,
         )
         _initialize(self.predictor, model, fold)
+        self.network_seconds = 0.0  # time in the network so far: how busy a job keeps its device
         n_out = self.predictor.label_manager.num_segmentation_heads
         if set(model.labels) - set(range(n_out)):
             raise ModelError(
@@ -220,13 +222,25 @@ class FoldPredictor:
 
     def predict(self, image_path: str | Path) -> tuple[NDArray[np.float16], dict[str, Any]]:
         """Logits (C, z, y, x) at network resolution and the properties needed to undo preprocessing."""
-        import torch
+        data, props = self.prepare(image_path)
+        return self.logits(data), props
 
+    def prepare(self, image_path: str | Path) -> tuple[NDArray[np.float32], dict[str, Any]]:
+        """nnU-Net's preprocessing of one image (reading, cropping, normalising): no network, so it can
+        run in another thread while the network predicts the image before."""
         p = self.predictor
         preprocessor = p.configuration_manager.preprocessor_class(verbose=False)
         data, _, props = preprocessor.run_case([str(image_path)], None, p.plans_manager, p.configuration_manager, p.dataset_json)
-        logits = p.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
-        return logits.numpy().astype(np.float16, copy=False), _jsonable(props)
+        return data, _jsonable(props)
+
+    def logits(self, data: NDArray[np.float32]) -> NDArray[np.float16]:
+        """The network's sliding-window logits for a `prepare`d image."""
+        import torch
+
+        started = time.perf_counter()
+        logits = self.predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
+        self.network_seconds += time.perf_counter() - started
+        return logits.numpy().astype(np.float16, copy=False)
 
 
 def _initialize(predictor: Any, model: ModelConfig, fold: Fold) -> None:
