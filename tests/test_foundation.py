@@ -108,6 +108,17 @@ def test_stored_logits_read_back_bit_for_bit_and_smaller_than_the_plain_bits(tmp
         io.load_logits(tmp_path / "plain.b2nd")
 
 
+def test_the_same_logits_are_stored_as_the_same_bytes(tmp_path: Path):
+    """Reruns write byte-identical logit files (blosc2's threads would store blocks in finishing order:
+    with two, most of these writes differed)."""
+    z, y, x = np.meshgrid(*(np.linspace(0, 3, n) for n in (16, 192, 192)), indexing="ij")
+    rng = np.random.default_rng(1)
+    logits = np.stack([np.sin(z + k) * np.cos(y - k) * 8 + x + rng.normal(0, 0.01, x.shape) for k in range(5)]).astype(np.float16)
+    for k in range(8):
+        io.save_logits(tmp_path / f"{k}.b2nd", logits)
+    assert {(tmp_path / f"{k}.b2nd").read_bytes() for k in range(8)} == {(tmp_path / "0.b2nd").read_bytes()}
+
+
 def test_fold_jobs_plus_averaging_equal_nnunet_in_process(random_model: Path, small_cohort: Path, tmp_path: Path):
     """The fold jobs as the workflow runs them (reading ahead, writing behind, a bad image among good ones):
     their stored logits, averaged and exported, are nnU-Net's own ensemble bit for bit, and the bad image

@@ -256,7 +256,9 @@ def save_logits(path: str | os.PathLike[str], logits: NDArray[np.float16]) -> No
     """
     import blosc2
 
-    cparams = blosc2.CParams(codec=blosc2.Codec.ZSTD, clevel=1, filters=[blosc2.Filter.BITSHUFFLE], nthreads=2)
+    # One thread: blosc2's threads store a chunk's blocks in the order they finish, so two runs would write
+    # different bytes for the same logits; and the fold job writes in a thread beside the network anyway.
+    cparams = blosc2.CParams(codec=blosc2.Codec.ZSTD, clevel=1, filters=[blosc2.Filter.BITSHUFFLE], nthreads=1)
     encoded = _encode_logits(np.ascontiguousarray(logits, dtype=np.float16))
     with atomic_path(path) as tmp:
         stored = blosc2.asarray(encoded, urlpath=str(tmp), mode="w", cparams=cparams)
