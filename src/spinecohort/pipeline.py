@@ -195,6 +195,7 @@ def _predict_fold(
     """While the network predicts image k, image k+1 is read and preprocessed and image k-1's logits
     written, each in a thread of its own: the device is kept busy. The same calls in the same order per
     image as one after another, so the same bytes."""
+    from .runtime import network_busy_line
     from .semantic import FoldPredictor, read_model_config
 
     predictor = FoldPredictor(read_model_config(model), fold, device=device, threads=threads)
@@ -223,7 +224,7 @@ def _predict_fold(
 
         run_stage(layout.ledger_stage("predict-fold", fold=fold), rows, out, work, failed_before=failed_before)
     wall = time.monotonic() - started
-    log.info("fold %s: network busy %.0f %% of the batch's %.1f s", fold, 100 * predictor.network_seconds / max(wall, 1e-9), wall)
+    log.info("%s", network_busy_line(fold, predictor.network_seconds, wall))
 
 
 def _average_folds(

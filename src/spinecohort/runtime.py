@@ -17,7 +17,7 @@ import re
 import resource
 import time
 
-__all__ = ["keep_freed_memory", "JobClock", "COST_LINE", "tune_for"]
+__all__ = ["keep_freed_memory", "JobClock", "COST_LINE", "network_busy_line", "NETWORK_BUSY_LINE", "tune_for"]
 
 # mallopt(3) parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -59,6 +59,21 @@ class JobClock:
 
 # `JobClock.line` as the CLI logs it (`predict-fold: 31.04 CPU-s in ...`): command, CPU-s, wall s, peak GiB.
 COST_LINE = re.compile(r"INFO ([\w-]+): ([\d.]+) CPU-s in ([\d.]+) s wall, peak memory ([\d.]+) GiB$", re.MULTILINE)
+
+
+def network_busy_line(fold: int | str, network_seconds: float, wall: float) -> str:
+    """How well a fold job keeps its device busy (model load excluded), in a line `NETWORK_BUSY_LINE` reads back.
+
+    >>> network_busy_line(0, 30.0, 40.0)
+    "fold 0: network busy 75 % of the batch's 40.0 s"
+    >>> NETWORK_BUSY_LINE.findall("INFO " + network_busy_line("all", 1.0, 4.0))
+    [('all', '25', '4.0')]
+    """
+    return f"fold {fold}: network busy {100 * network_seconds / max(wall, 1e-9):.0f} % of the batch's {wall:.1f} s"
+
+
+# `network_busy_line` as a fold job logs it: fold, per cent, the batch's wall s.
+NETWORK_BUSY_LINE = re.compile(r"fold (\w+): network busy (\d+) % of the batch's ([\d.]+) s$", re.MULTILINE)
 
 
 def tune_for(device) -> None:
