@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -386,10 +387,12 @@ def test_every_job_log_ends_with_its_cost_as_the_readme_shows(tmp_path: Path):
     import subprocess
 
     from spinecohort.runtime import COST_LINE as cost
-    from spinecohort.runtime import keep_freed_memory
+    from spinecohort.runtime import NETWORK_BUSY_LINE, keep_freed_memory
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text().split("## Speed")[1]
     assert cost.search(readme.split("```\n")[1].strip()), "README's example line is not the jobs' form"
+    busy_example = re.search(r"`(fold \d+: network busy[^`]*)`", readme)
+    assert busy_example and NETWORK_BUSY_LINE.search(busy_example[1]), "README's fold-job line is not the jobs' form"
     proc = subprocess.run([sys.executable, "-m", "spinecohort.cli", "phantom", str(tmp_path), "--subjects", "1"],
                           capture_output=True, text=True, check=True)  # fmt: skip
     command, cpu, wall, peak = cost.search(proc.stderr.strip().splitlines()[-1]).groups()  # type: ignore[union-attr]
