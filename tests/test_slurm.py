@@ -21,7 +21,9 @@ from spinecohort import io
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slurm
 # The test overrides: fast status checks; the profile's 4 CPUs per GPU job do not fit a 2-CPU node.
-TEST_OVERRIDES = ["--slurm-init-seconds-before-status-checks", "2", "--set-threads", "predict_fold=2", "assemble_instances=2"]
+# The plugin checks a new job after the initial wait, then every 10 s more (`--seconds-between-status-checks` is
+# not used): at 2 s each of the run's 1-3 s jobs was seen done only after 14 s; at 4 s most are seen at the first check.
+TEST_OVERRIDES = ["--slurm-init-seconds-before-status-checks", "4", "--set-threads", "predict_fold=2", "assemble_instances=2"]
 
 
 @pytest.fixture(scope="module")

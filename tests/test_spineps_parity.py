@@ -27,14 +27,14 @@ MODELS = ROOT / "resources" / "demo_models"
 UNTOUCHED = {60: "spinal cord", 61: "spinal canal", 100: "IVD", 26: "sacrum"}
 
 
-def run_spineps(python: Path, image: Path, *extra: str, threads: int = 1) -> tuple[Path, float, str, bool]:
-    """`spineps sample` on `image` with our models: its derivatives folder, CPU seconds, output, and whether it finished."""
+def run_spineps(python: Path, image: Path, *extra: str) -> tuple[Path, float, str, bool]:
+    """`spineps sample` on `image` with our models, one thread: its derivatives folder, CPU seconds, output, and whether it finished."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(
         [python, "-m", "spineps.entrypoint", "sample", "-i", image, "-ms", MODELS / "semantic", "-mi", MODELS / "instance",
          "-ml", "none", "--cpu", *extra],
-        capture_output=True, text=True, timeout=900, env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "OMP_NUM_THREADS": str(threads),
-             "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(threads)},  # ANTs' N4 is ITK's
+        capture_output=True, text=True, timeout=900, env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "OMP_NUM_THREADS": "1",
+             "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1"},  # ANTs' N4 is ITK's
     )  # fmt: skip
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
@@ -102,13 +102,12 @@ def test_spineps_loads_our_models_and_segments_like_us(demo_local_run: Path, tmp
     for row in rows.itertuples():
         work = demo_local_run / "work" / row.batch
         runs = {}
-        for run, source, threads in (("ours", layout.n4_image(work / layout.folder("bias-correct"), row.image_id), 1),
-                                     ("spineps", demo_local_run / "demo" / row.image, 1),
-                                     ("spineps-2-threads", demo_local_run / "demo" / row.image, 2)):  # fmt: skip
+        for run, source in (("ours", layout.n4_image(work / layout.folder("bias-correct"), row.image_id)),
+                            ("spineps", demo_local_run / "demo" / row.image)):  # fmt: skip
             image = tmp_path / run / f"sub-{row.subject}" / "anat" / f"{row.image_id}_T2w.nii.gz"
             image.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, image)
-            runs[run] = run_spineps(python, image, *(["--no-n4"] if run == "ours" else []), threads=threads)
+            runs[run] = run_spineps(python, image, *(["--no-n4"] if run == "ours" else []))
         folder, cpu, log, finished = runs["ours"]
         assert f"Model loaded from {MODELS / 'semantic'}" in log and f"Model loaded from {MODELS / 'instance'}" in log
         assert finished, log[-3000:]  # both of our exported models ran inside SPINEPS, to its final masks
@@ -126,7 +125,6 @@ def test_spineps_loads_our_models_and_segments_like_us(demo_local_run: Path, tmp
             "station": row.region,
             "raw agreement, our N4": agreement(raw, folder / theirs_raw),
             "raw agreement, each its N4": agreement(raw, runs["spineps"][0] / theirs_raw),
-            "SPINEPS N4, 1 vs 2 threads": agreement(runs["spineps"][0] / theirs_raw, runs["spineps-2-threads"][0] / theirs_raw),
             **dices,
             "vertebrae ours / SPINEPS": f"{vertebrae(ours_vert)} / {vertebrae(theirs_vert)}",
             "one to one": len(one_to_one),
@@ -146,7 +144,7 @@ def test_spineps_loads_our_models_and_segments_like_us(demo_local_run: Path, tmp
     report = pd.DataFrame(table).round(4).to_markdown(index=False)
     (tmp_path / "parity.md").write_text(report + "\n")
     print("\n" + report)
-    # The README's parity table says what this run measured (SPINEPS's 2-thread N4 column aside: threads race).
+    # The README's parity table says what this run measured.
     readme = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
               for line in (ROOT / "README.md").read_text().split("## SPINEPS parity")[1].split("\n## ")[0].splitlines()
               if line.startswith("| ") and line.split("|")[1].strip() in {"cervical", "thoracic", "lumbar"}}  # fmt: skip
@@ -154,7 +152,7 @@ def test_spineps_loads_our_models_and_segments_like_us(demo_local_run: Path, tmp
         dice_text = " / ".join(f"{r[f'Dice {k}']:.3f}" for k in ("spinal cord", "spinal canal", "IVD"))
         dice_text += f" (sacrum {r['Dice sacrum']:.3f})" if "Dice sacrum" in r else ""
         row = readme[r["station"]]
-        assert (row[0], row[1], row[3], row[4], row[5]) == (
+        assert (row[0], row[1], row[2], row[3], row[4]) == (
             f"{100 * r['raw agreement, our N4']:.2f} %", f"{100 * r['raw agreement, each its N4']:.1f} %", dice_text,
             r["vertebrae ours / SPINEPS"], f"{r['one to one']} ({r['one to one Dice, min']:.3f})"), (r["station"], row)  # fmt: skip
 
