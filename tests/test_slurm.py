@@ -21,9 +21,11 @@ from spinecohort import io
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slurm
 # The test overrides: fast status checks; the profile's 4 CPUs per GPU job do not fit a 2-CPU node.
-# The plugin checks a new job after the initial wait, then every 10 s more (`--seconds-between-status-checks` is
-# not used): at 2 s each of the run's 1-3 s jobs was seen done only after 14 s; at 4 s most are seen at the first check.
-TEST_OVERRIDES = ["--slurm-init-seconds-before-status-checks", "4", "--set-threads", "predict_fold=2", "assemble_instances=2"]
+# The plugin checks a new job after the initial wait i, and after each check that finds no job ended it waits 10 s
+# longer than before (`--seconds-between-status-checks` is not used): checks at i, 2i + 10, 3i + 30 s. No job ends
+# within 4 s of its submission on the test cluster (a 1-3 s job was seen done at 14 s with i = 2, at 18 s with
+# i = 4), so the smallest wait, 1 s, sees each job soonest.
+TEST_OVERRIDES = ["--slurm-init-seconds-before-status-checks", "1", "--set-threads", "predict_fold=2", "assemble_instances=2"]
 
 
 @pytest.fixture(scope="module")
