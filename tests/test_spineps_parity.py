@@ -152,7 +152,7 @@ def test_spineps_loads_our_models_and_segments_like_us(demo_local_run: Path, tmp
         dice_text = " / ".join(f"{r[f'Dice {k}']:.3f}" for k in ("spinal cord", "spinal canal", "IVD"))
         dice_text += f" (sacrum {r['Dice sacrum']:.3f})" if "Dice sacrum" in r else ""
         row = readme[r["station"]]
-        assert (row[0], row[1], row[2], row[3], row[4]) == (
+        assert tuple(row) == (
             f"{100 * r['raw agreement, our N4']:.2f} %", f"{100 * r['raw agreement, each its N4']:.1f} %", dice_text,
             r["vertebrae ours / SPINEPS"], f"{r['one to one']} ({r['one to one Dice, min']:.3f})"), (r["station"], row)  # fmt: skip
 
