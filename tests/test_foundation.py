@@ -14,7 +14,7 @@ from hostile import bad_images
 
 from spinecohort import cohort, geometry, io, pipeline, preprocess, semantic
 from spinecohort.models import write_random_semantic_model
-from spinecohort.phantom import PRESETS, make_subject, render_station, write_cohort
+from spinecohort.phantom import PRESETS, Preset, make_subject, render_station, write_cohort
 
 
 def test_batches_survive_adding_subjects(tmp_path: Path):
@@ -53,6 +53,45 @@ def test_n4_recovers_the_known_bias_field():
     body = ph.bias_free > 150
     r = np.corrcoef(np.log(result.bias[body]), np.log(ph.bias[body]))[0, 1]
     assert r >= 0.99
+
+
+def _slice_axis_moved(array: np.ndarray, affine: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """The same voxels stored with the slice (third) axis as array axis `axis`: a valid other layout."""
+    order = [0, 1]
+    order.insert(axis, 2)
+    moved = affine.copy()
+    moved[:, :3] = affine[:, order]
+    return np.ascontiguousarray(np.transpose(array, order)), moved
+
+
+SAGITTAL, THIN = ((160, 160, 14), (1.875, 1.875, 4.4)), ((160, 160, 14), (1.875, 1.875, 1.0))
+
+
+@pytest.mark.parametrize(("grid", "axis"), [(SAGITTAL, 0), (SAGITTAL, 1), (SAGITTAL, 2), (THIN, 0), (THIN, 1), (THIN, 2),
+                                            (((240, 300, 40), (1.0, 1.0, 1.0)), 2)],  # isotropic: every axis alike
+                         ids=["sagittal-0", "sagittal-1", "sagittal-2", "thin-0", "thin-1", "thin-2", "isotropic"])
+def test_n4_corrects_the_bias_field_in_every_slice_layout(grid, axis):
+    """1 mm slices (the finest axis is then the short one, 160 x 160 x 14) and isotropic 1 mm made ITK refuse the
+    shrunk image; in every layout, wherever the slice axis lies, the field N4 finds is the phantom's known one and
+    dividing by it takes the bias out of the image."""
+    shape, spacing = grid
+    ph = render_station(make_subject(1, 1), "lumbar", Preset("layout", shape, spacing), seed=1, index=1)
+    (image, affine), (truth, _), (clean, _) = (_slice_axis_moved(a, ph.affine, axis) for a in (ph.image, ph.bias, ph.bias_free))
+    assert image.shape[axis] == shape[2] and geometry.spacing_of(affine)[axis] == pytest.approx(spacing[2])
+    body = clean > 150
+    result = preprocess.bias_correct(image, affine, threads=2)
+    assert np.corrcoef(np.log(result.bias[body]), np.log(truth[body]))[0, 1] >= 0.95
+    left_over, spread = np.std(np.log(result.corrected[body] / clean[body])), np.std(np.log(truth[body]))
+    assert left_over < 0.5 * spread, (left_over, spread)
+
+
+def test_n4_runs_on_the_issues_isotropic_grid():
+    """160 x 160 x 14 voxels of 1 mm, the image of the report: ITK refused its shrunk copy ("zero-valued spacing").
+    (Its 160 mm field lies wholly inside the body, so the phantom's field is not a fair truth for it: the test above
+    checks the correction on an isotropic grid with the usual 300 mm field.)"""
+    ph = render_station(make_subject(1, 1), "lumbar", Preset("report", (160, 160, 14), (1.0, 1.0, 1.0)), seed=1, index=1)
+    result = preprocess.bias_correct(ph.image, ph.affine, threads=2)
+    assert result.corrected.shape == ph.image.shape and np.isfinite(result.bias).all() and result.bias.min() > 0
 
 
 def test_n4_mask_finds_the_body_where_linear_otsu_split_tissues():

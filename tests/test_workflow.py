@@ -62,8 +62,9 @@ def test_the_config_shows_the_packages_defaults():
 
     from spinecohort import defaults
 
-    n4 = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["n4"]
-    assert n4 == {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.N4.items()}
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    assert config["n4"] == {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.N4.items()}
+    assert config["max_voxels"] == defaults.MAX_VOXELS
 
 
 def test_the_readme_slurm_short_form_plans_jobs_with_the_profiles_threads(tmp_path: Path):

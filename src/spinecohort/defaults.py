@@ -12,5 +12,9 @@ from typing import Any, Final
 # stations (benchmarks/README.md, N4 settings).
 N4: Final[dict[str, Any]] = {"shrink": (8, 8, 1), "iterations": (50, 50), "bias_fwhm": 0.3}
 
+# Largest image (voxels) a job starts on: bias_correct takes about 30 bytes per voxel (N4's copies; measured
+# 22-26 bytes above the image itself), so 80 million voxels (e.g. 512 x 512 x 300) stay within its 3000 MB.
+MAX_VOXELS: Final = 80_000_000
+
 # Where torch runs, for every command that loads a network.
 DEVICE_HELP: Final = "auto (CUDA when present), cuda or cpu"

@@ -12,6 +12,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import shutil
 import tempfile
 import zlib
@@ -99,15 +100,20 @@ def _fail(path: Path, reason: str) -> ImageError:
     return ImageError(f"{path}: {reason}")
 
 
-def load_image(path: str | os.PathLike[str]) -> tuple[NDArray[np.float32], NDArray[np.float64]]:
+def load_image(path: str | os.PathLike[str], *, max_voxels: int | None = None) -> tuple[NDArray[np.float32], NDArray[np.float64]]:
     """Read a 3-D image as float32 plus its affine, rejecting what no stage can use.
+
+    Nothing is allocated before the header's claims are checked (`check_declared_size`): a header that
+    declares more voxels than the file holds, or more than `max_voxels`, fails here, at the cost of a
+    few bytes read, instead of taking the job's memory.
 
     Raises
     ------
     ImageError
         Missing, unreadable or corrupt file; not 3-D (a 4-D image with a single
-        volume is accepted); NaN/Inf voxels; constant image; voxel sizes outside
-        [1e-3, 50] mm; a singular affine. The message starts with the file name.
+        volume is accepted); more voxels declared than stored or than `max_voxels`;
+        NaN/Inf voxels; constant image; voxel sizes outside [1e-3, 50] mm; a
+        singular affine. The message starts with the file name.
     """
     path = Path(path)
     img = _open(path)
@@ -120,6 +126,7 @@ def load_image(path: str | os.PathLike[str]) -> tuple[NDArray[np.float32], NDArr
         raise _fail(path, f"expected a 3-D volume, got shape {img.shape} (a 2-D slice)")
     affine = np.asarray(img.affine, dtype=np.float64)
     _check_affine(path, affine)
+    check_declared_size(path, img, max_voxels=max_voxels)
     try:
         data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
     except (OSError, EOFError, ValueError, zlib.error) as exc:
@@ -140,6 +147,7 @@ def load_mask(path: str | os.PathLike[str]) -> tuple[NDArray[np.int32], NDArray[
         raise _fail(path, f"expected a 3-D mask, got shape {img.shape}")
     affine = np.asarray(img.affine, dtype=np.float64)
     _check_affine(path, affine)
+    check_declared_size(path, img)
     try:
         data = np.asarray(img.dataobj)
     except (OSError, EOFError, ValueError, zlib.error) as exc:
@@ -189,6 +197,50 @@ def _check_header_geometry(path: Path, img: nib.Nifti1Image) -> None:
                               f"ITK tools read the qform, nibabel the sform; fix the header, or clear one (code 0)")
 
 
+def check_declared_size(path: Path, img: nib.Nifti1Image, *, max_voxels: int | None = None) -> None:
+    """Refuse a header whose voxel count exceeds `max_voxels`, or whose data the file does not hold.
+
+    Reading the voxels allocates what the header declares before a byte is read, so a header that
+    lies (or an image far larger than the job's memory was asked for) must be caught from the header
+    and the file's size alone.
+    """
+    shape, dtype = img.header.get_data_shape(), img.get_data_dtype()
+    voxels = int(np.prod(shape, dtype=np.int64))
+    if max_voxels is not None and voxels > max_voxels:
+        raise _fail(path, f"header declares {voxels:,} voxels {tuple(shape)}, more than max_voxels {max_voxels:,} (config max_voxels)")
+    needed = int(img.dataobj.offset) + voxels * dtype.itemsize  # type: ignore[attr-defined]
+    try:
+        stored = _stored_bytes(path, needed)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise _fail(path, f"cannot read voxel data ({exc})") from None
+    if stored < needed:
+        raise _fail(path, f"header declares {tuple(shape)} {dtype} voxels ({needed:,} bytes with the header), "
+                          f"the file holds {stored:,} bytes: truncated, or a wrong header")
+
+
+GZIP_MAGIC: Final = b"\x1f\x8b"
+
+
+def _stored_bytes(path: Path, needed: int) -> int:
+    """The file's (uncompressed) size, or any figure of at least `needed` bytes once that many are found.
+
+    A gzip file's trailer holds its last member's size modulo 2**32: enough to accept a file whose last
+    member alone holds what is needed. Else (several members, over 4 GiB, or short) the data are counted
+    by streaming through them, 1 MiB at a time: nothing is kept, so memory does not grow with the claim.
+    """
+    with open(path, "rb") as f:
+        if f.read(2) != GZIP_MAGIC:
+            return os.fstat(f.fileno()).st_size
+        f.seek(-4, os.SEEK_END)
+        if needed < 2**32 and int.from_bytes(f.read(4), "little") >= needed:
+            return needed
+    count = 0
+    with gzip.open(path, "rb") as stream:
+        while count < needed and (chunk := stream.read(1 << 20)):
+            count += len(chunk)
+    return count
+
+
 def header_codes(path: str | os.PathLike[str]) -> tuple[int, int]:
     """(qform code, sform code) of a NIfTI file: outputs on its grid keep them."""
     header = _open(Path(path)).header
@@ -236,9 +288,18 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     return json.loads(Path(path).read_text())
 
 
+_CELL_BREAKS: Final = re.compile(r"[\t\r\n]+")
+
+
 def write_tsv(path: str | os.PathLike[str], table: pd.DataFrame) -> None:
+    """One line per row, always: tabs and line breaks inside a cell (an error message from ITK spans three
+    lines) are folded into single spaces, so `cut`, `grep`, `awk` and `wc -l` read the file right; the
+    whole message stays in the job's log."""
+    text = table.select_dtypes(include=["object", "string"]).columns
+    fold = lambda v: _CELL_BREAKS.sub(" ", v) if isinstance(v, str) else v
+    folded = table.assign(**{c: table[c].map(fold) for c in text}) if len(text) else table
     with atomic_path(path) as tmp:
-        table.to_csv(tmp, sep="\t", index=False, lineterminator="\n")
+        folded.to_csv(tmp, sep="\t", index=False, lineterminator="\n")
 
 
 LOGIT_ENCODING: Final = "float16 bits as ordered integers, delta along axis -2, zigzag"

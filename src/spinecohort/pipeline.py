@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from . import cohort, io, layout
-from .defaults import DEVICE_HELP
+from .defaults import DEVICE_HELP, MAX_VOXELS
 from .defaults import N4 as N4_DEFAULTS
 from .labels import IVD_OFFSET, REGIONS, SACRUM, SEMANTIC_NAMES
 from .labels import VERTEBRA_NAMES as L_NAMES
@@ -158,12 +158,13 @@ def _record(stage: str, row: pd.Series, out: Path, record: dict[str, str], call:
 
 
 def _bias_correct(
-    *, manifest: Path, batch: str, out: Path, threads: int, shrink: Sequence[int], iterations: Sequence[int], bias_fwhm: float
+    *, manifest: Path, batch: str, out: Path, threads: int, shrink: Sequence[int], iterations: Sequence[int], bias_fwhm: float,
+    max_voxels: int,
 ) -> None:
     from .preprocess import bias_correct
 
     def work(row: pd.Series) -> None:
-        image, affine = io.load_image(row.image)
+        image, affine = io.load_image(row.image, max_voxels=max_voxels)
         result = bias_correct(
             image, affine, shrink=shrink, iterations=iterations, bias_fwhm=bias_fwhm, threads=threads
         )
@@ -615,7 +616,8 @@ STAGE_COMMANDS: dict[str, tuple[Callable[..., None], str, tuple[tuple[tuple[str,
     "bias-correct": (_bias_correct, "N4 bias-field correction of a batch", (
         _option("--shrink", type=int, nargs=3, default=N4_DEFAULTS["shrink"], help="in-plane, in-plane, through-plane"),
         _option("--iterations", type=int, nargs="+", default=N4_DEFAULTS["iterations"], help="iterations per fitting level"),
-        _option("--bias-fwhm", type=float, default=N4_DEFAULTS["bias_fwhm"], help="N4 bias-field FWHM"))),
+        _option("--bias-fwhm", type=float, default=N4_DEFAULTS["bias_fwhm"], help="N4 bias-field FWHM"),
+        _option("--max-voxels", type=int, default=MAX_VOXELS, help="larger images fail alone, before any voxel is read"))),
     "resample": (_resample, "reorient and resample a batch into the semantic model's space", (
         _option("--input", type=Path, required=True, help="the batch's N4 folder"), _MODEL)),
     "predict-fold": (_predict_fold, "one nnU-Net fold over a batch: float16 logits", (

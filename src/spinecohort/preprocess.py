@@ -22,17 +22,27 @@ class N4Result:
     mask_fraction: float  # share of voxels in the N4 mask (a QC figure: N4 fails on tiny masks)
 
 
-def n4_shrink_factors(spacing: Sequence[float], shrink: Sequence[int]) -> list[int]:
-    """Per-axis shrink factors: `shrink` is (in-plane, in-plane, through-plane), the coarsest axis gets the last.
+# An axis is never shrunk below this many voxels: N4 fits a cubic B-spline mesh on the shrunk image (5
+# control points per axis at two fitting levels, 11 at four), and an axis shrunk to one voxel has no extent
+# at all (ITK refuses it: "zero-valued spacing"). The demo's and NAKO's grids are shrunk as before.
+MIN_SHRUNK_VOXELS = 16
 
-    >>> n4_shrink_factors((0.67, 0.67, 4.0), (4, 4, 2))
-    [4, 4, 2]
-    >>> n4_shrink_factors((4.0, 0.67, 0.67), (4, 4, 2))
+
+def n4_shrink_factors(spacing: Sequence[float], shrink: Sequence[int], size: Sequence[int]) -> list[int]:
+    """Per-axis shrink factors: `shrink` is (in-plane, in-plane, through-plane), the coarsest axis gets the last;
+    each is lowered where it would leave the axis under MIN_SHRUNK_VOXELS (a short axis is not shrunk).
+
+    >>> n4_shrink_factors((0.67, 0.67, 4.0), (4, 4, 2), (448, 448, 15))
+    [4, 4, 1]
+    >>> n4_shrink_factors((4.0, 0.67, 0.67), (4, 4, 2), (40, 448, 448))
     [2, 4, 4]
+    >>> n4_shrink_factors((1.875, 1.875, 1.0), (8, 8, 1), (160, 160, 14))  # thin slices on the short axis
+    [1, 8, 1]
     """
     coarse = int(np.argmax(spacing))
     fine = iter(shrink[:2])
-    return [int(shrink[2]) if axis == coarse else int(next(fine)) for axis in range(3)]
+    wanted = [int(shrink[2]) if axis == coarse else int(next(fine)) for axis in range(3)]
+    return [max(1, min(factor, int(n) // MIN_SHRUNK_VOXELS)) for factor, n in zip(wanted, size)]
 
 
 def bias_correct(
@@ -60,7 +70,7 @@ def bias_correct(
     shifted = np.asarray(image, np.float32) - float(image.min())
     img = geometry.to_sitk(shifted, affine)
     mask = sitk.OtsuThreshold(geometry.to_sitk(np.log1p(shifted), affine), 0, 1, 200)
-    factors = n4_shrink_factors(img.GetSpacing(), shrink)
+    factors = n4_shrink_factors(img.GetSpacing(), shrink, img.GetSize())
     n4 = sitk.N4BiasFieldCorrectionImageFilter()
     n4.SetMaximumNumberOfIterations([int(i) for i in iterations])
     n4.SetBiasFieldFullWidthAtHalfMaximum(bias_fwhm)

@@ -16,10 +16,12 @@ rule bias_correct:
         shrink=" ".join(map(str, config["n4"]["shrink"])),
         iterations=" ".join(map(str, config["n4"]["iterations"])),
         fwhm=config["n4"]["bias_fwhm"],
+        max_voxels=config["max_voxels"],
     shell:
         "spinecohort bias-correct --manifest {input.manifest} --batch {wildcards.batch}"
         " --out {output} --threads {threads} --shrink {params.shrink}"
-        " --iterations {params.iterations} --bias-fwhm {params.fwhm} &> {log}"
+        " --iterations {params.iterations} --bias-fwhm {params.fwhm}"
+        " --max-voxels {params.max_voxels} &> {log}"
 
 
 rule resample:
