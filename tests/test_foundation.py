@@ -401,7 +401,7 @@ def test_manifest_schema_and_checks_require_the_same_columns(small_cohort: Path,
     assert cohort.schema_problems(table, schema) == [f"column {column!r} is required"]
     with pytest.raises(cohort.ManifestError, match=f"missing column.*{column}"):
         cohort.check_manifest(table)
-    assert set(schema["required"]) | {"reference_semantic", "reference_instance"} == set(cohort.COLUMNS) == set(schema["properties"])
+    assert set(schema["required"]) | set(cohort.OPTIONAL_COLUMNS) == set(cohort.COLUMNS) == set(schema["properties"])
 
 
 def test_every_stage_of_the_layout_is_a_command_whose_options_fill_its_driver():

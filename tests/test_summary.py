@@ -52,14 +52,32 @@ def test_table_s1_has_the_supplements_layout():
 
 
 def test_failures_table_prefers_the_failing_stage_over_later_skips(tmp_path: Path):
-    io.write_tsv(tmp_path / "a.tsv", pd.DataFrame({"image_id": ["x", "y"], "stage": ["restore"] * 2,
-                                                   "status": ["skipped", "ok"], "message": ["x.nii.gz: NaN voxels", ""],
-                                                   "numbering": ["", "C2"]}))  # a stage's fact column
-    io.write_tsv(tmp_path / "b.tsv", pd.DataFrame({"image_id": ["x"], "stage": ["bias_correct"], "status": ["failed"],
-                                                   "message": ["x.nii.gz: NaN voxels"]}))
-    table = summary.failures([tmp_path / "a.tsv", tmp_path / "b.tsv"])
-    assert table.values.tolist() == [["x", "bias_correct", "failed", "x.nii.gz: NaN voxels"]]
-    assert list(table.columns) == ["image_id", "stage", "status", "message"]
+    restore, n4 = (tmp_path / "b0001" / layout.folder(c) / layout.LEDGER for c in ("restore", "bias-correct"))
+    io.write_tsv(restore, pd.DataFrame({"image_id": ["x", "y"], "stage": ["restore"] * 2,
+                                        "status": ["skipped", "ok"], "message": ["x.nii.gz: NaN voxels", ""],
+                                        "numbering": ["", "C2"]}))  # a stage's fact column
+    io.write_tsv(n4, pd.DataFrame({"image_id": ["x"], "stage": ["bias_correct"], "status": ["failed"],
+                                   "message": ["x.nii.gz: NaN voxels"]}))
+    table = summary.failures([restore, n4], {"x": "b0001", "y": "b0001"})
+    assert table.values.tolist() == [["x", "b0001", "bias_correct", "failed", "x.nii.gz: NaN voxels"]]
+    assert list(table.columns) == ["image_id", "batch", "stage", "status", "message"]
+
+
+def test_failures_of_a_retried_image_stay_with_the_batch_it_left(tmp_path: Path):
+    """x failed in b0001 and was retried in b0002 (`spinecohort retry`), where it failed again at restore; z left
+    the manifest. A subject group's ledger (label-levels) speaks for its images wherever they are."""
+    def ledger(unit: str, command: str, rows: list[tuple[str, str, str]]) -> Path:
+        path = tmp_path / unit / layout.folder(command) / layout.LEDGER
+        io.write_tsv(path, pd.DataFrame(rows, columns=["image_id", "status", "message"]).assign(stage=command))
+        return path
+
+    ledgers = [ledger("b0001", "bias-correct", [("x", "failed", "x: truncated"), ("y", "ok", ""), ("z", "failed", "z: NaN")]),
+               ledger("b0002", "bias-correct", [("x", "ok", "")]),
+               ledger("b0002", "restore", [("x", "failed", "x: no vertebra")]),
+               ledger("b0001", "label-levels", [("x", "skipped", "x: no vertebra"), ("y", "failed", "y: no C2")])]
+    table = summary.failures(ledgers, {"x": "b0002", "y": "b0001"})
+    assert table[["image_id", "batch", "stage", "message"]].values.tolist() == [
+        ["x", "b0002", "restore", "x: no vertebra"], ["y", "b0001", "label-levels", "y: no C2"]]
 
 
 @pytest.fixture

@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=150, help="images per batch (default 150: ~5,400 jobs for 90,000 images)")
     p.add_argument("-o", "--output", type=Path, required=True, help="manifest TSV to write")
 
+    p = sub.add_parser("retry", help="give failed images whose files were fixed new batches: the next run redoes exactly them")
+    p.add_argument("--manifest", type=Path, required=True, help="the cohort manifest TSV (rewritten: the images' new batches)")
+    p.add_argument("--failures", type=Path, required=True, help="the last run's summary/failures.tsv")
+    p.add_argument("--all", action="store_true", help="every failed image, changed or not (after a fix of the software or the models)")
+    p.add_argument("--batch-size", type=_positive, default=150, help="images per new batch (default %(default)s)")
+
     p = sub.add_parser("publish", help="relink a derivative into the BIDS tree from the restore folder that made it")
     p.add_argument("folder", type=Path, help="the batch's restore folder")
     p.add_argument("target", type=Path, help="the derivative to make (the folder holds a file of its name)")
@@ -117,7 +123,7 @@ def _manifest(args: argparse.Namespace) -> None:
     if args.bids is not None:
         rows = cohort.manifest_from_bids(args.bids, references=args.references)
     else:
-        table = cohort.pd.read_csv(args.check, sep="\t", dtype=str, keep_default_na=False)
+        table = cohort.read_manifest_table(args.check)
         rows = cohort.resolve_paths(cohort.check_manifest(table, source=str(args.check), require_batch=False), args.check.parent)
     # Images that already have a batch (in --previous, or in the checked TSV) keep it.
     previous = cohort.read_manifest(args.previous) if args.previous else rows[rows["batch"] != ""] if "batch" in rows else None
@@ -125,6 +131,27 @@ def _manifest(args: argparse.Namespace) -> None:
     table = cohort.assign_batches(rows, batch_size=args.batch_size, previous=previous)
     io.write_tsv(args.output, cohort.check_manifest(table, source=str(args.output)))
     log.info("wrote %d rows in %d batches to %s", len(table), table["batch"].nunique(), args.output)
+
+
+@_command("retry")
+def _retry(args: argparse.Namespace) -> None:
+    from . import cohort, io
+
+    table = cohort.read_manifest(args.manifest)
+    failed = cohort.pd.read_csv(args.failures, sep="\t", dtype=str, keep_default_na=False)
+    since = None if args.all else args.failures.stat().st_mtime
+    chosen = cohort.retry_candidates(cohort.resolve_paths(table, args.manifest.parent), failed, changed_after=since)
+    if not chosen:
+        log.info("nothing to retry: no image of %s %s", args.failures,
+                 "is still in the batch it failed in" if args.all else "has a file changed since it was written (--all takes every one)")
+        return
+    retried = cohort.retry(table, chosen, batch_size=args.batch_size)
+    io.write_tsv(args.manifest, cohort.check_manifest(retried, source=str(args.manifest)))
+    moved = retried.set_index("image_id").loc[chosen]
+    for image_id, row in moved.iterrows():
+        log.info("%s: %s -> %s", image_id, row.earlier_batches.split()[-1], row.batch)
+    log.info("%d image(s) in %d new batch(es); run snakemake as before: it redoes them, their subjects' levels and the summaries",
+             len(chosen), moved.batch.nunique())
 
 
 @_command("publish")

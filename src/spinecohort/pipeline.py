@@ -27,12 +27,14 @@ import numpy as np
 import pandas as pd
 
 from . import cohort, io, layout
+from .bias_correction import bias_correct_batch
 from .defaults import DEVICE_HELP, MAX_VOXELS
 from .defaults import N4 as N4_DEFAULTS
 from .labels import IVD_OFFSET, REGIONS, SACRUM, SEMANTIC_NAMES
 from .labels import VERTEBRA_NAMES as L_NAMES
 from .metrics import ASSD_DEFINITIONS
 from .semantic import Fold, parse_fold
+from .summarize import summarize
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
@@ -155,23 +157,6 @@ def _record(stage: str, row: pd.Series, out: Path, record: dict[str, str], call:
         log.error("%s failed in %s: %s\n%s", row.image_id, stage, message, traceback.format_exc())
         record.update(status="failed", message=message)
     return None
-
-
-def _bias_correct(
-    *, manifest: Path, batch: str, out: Path, threads: int, shrink: Sequence[int], iterations: Sequence[int], bias_fwhm: float,
-    max_voxels: int,
-) -> None:
-    from .preprocess import bias_correct
-
-    def work(row: pd.Series) -> None:
-        image, affine = io.load_image(row.image, max_voxels=max_voxels)
-        result = bias_correct(
-            image, affine, shrink=shrink, iterations=iterations, bias_fwhm=bias_fwhm, threads=threads
-        )
-        log.info("%s: N4 mask covers %.1f %% of the image", row.image_id, 100 * result.mask_fraction)
-        io.save_nifti(layout.n4_image(out, row.image_id), result.corrected, affine, dtype=np.float32)
-
-    run_stage(layout.ledger_stage("bias-correct"), batch_rows(manifest, batch), out, work)
 
 
 def _resample(*, manifest: Path, batch: str, out: Path, threads: int, input: Path, model: Path) -> None:
@@ -541,62 +526,6 @@ def _score(*, manifest: Path, batch: str, out: Path, input: Path, levels: list[P
     write_scores(out / layout.BATCH_SCORES, pd.concat(parts, ignore_index=True) if parts else pd.DataFrame())
 
 
-def _summarize(*, out: Path, structures: list[str], scores: list[Path], levels: list[Path], semantic: list[Path],
-               ledgers: list[Path], dataset: Path, review_images: int, provenance: Path) -> None:
-    from . import summary
-    from .provenance import parquet_metadata, read_run
-
-    out.mkdir(parents=True, exist_ok=True)
-    run = read_run(provenance)
-    metadata = parquet_metadata(run, assd_definition=str(run["parameters"]["metrics"]["assd"]))
-    table = summary.read_scores([folder / layout.BATCH_SCORES for folder in scores])
-    summary.write_partitioned(table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata}), dataset)
-    rows = table.to_pandas()
-    stats = summary.by_region(rows)
-    summary.write_parquet(out / "by_region.parquet", stats, metadata)
-    s1 = summary.table_s1(stats, structures)
-    n = rows.drop_duplicates("image_id").groupby("region").size()
-    counts = ", ".join(f"{r}: n={n[r]}" for r in REGIONS if r in n)
-    caption = f"DSC and ASSD (mm), mean ± SD over images per station ({counts})"
-    summary.write_table_s1(s1, out, caption)
-    summary.write_levels_table(summary.levels_table(rows), out)
-    summary.box_plots(rows, out, structures)
-    io.write_tsv(out / "failures.tsv", summary.failures(ledgers))
-    subjects = [pd.read_csv(folder / layout.SUBJECT_LEVELS, sep="\t", dtype=str, keep_default_na=False) for folder in levels]
-    io.write_tsv(out / layout.SUBJECT_LEVELS, pd.concat(subjects, ignore_index=True) if subjects
-                 else pd.DataFrame(columns=list(SUBJECT_LEVEL_COLUMNS)))
-    _write_qc(out, levels, semantic, review_images, metadata)
-    log.info("summarised %d score rows of %d images", len(rows), rows["image_id"].nunique())
-
-
-def _write_qc(out: Path, levels: list[Path], semantic: list[Path], review_images: int, metadata: dict[bytes, bytes]) -> None:
-    """qc.parquet, qc_flags.tsv and the review page (`cohort_qc`), from label-levels' and average-folds' outputs."""
-    import os
-
-    from . import summary
-    from .cohort_qc import qc_table, review_page
-
-    def read(path: Path, **kwargs: Any) -> pd.DataFrame:
-        return pd.read_csv(path, sep="\t", keep_default_na=False, **kwargs)
-
-    ledgers = [read(folder / LEDGER, dtype=str).assign(folder=str(folder)) for folder in levels]
-    images = pd.concat(ledgers, ignore_index=True) if ledgers else pd.DataFrame(columns=["image_id", "status", "folder"])
-    images = images[images.status == "ok"]
-    columns = ["image_id", "region", "numbering", "vertebrae", "missing_ivds", "canal_gap_mm"]
-    images = images.reindex(columns=[*columns, "folder"]).astype({c: float for c in columns[3:]})
-    agreement = [read(folder / layout.FOLD_AGREEMENT, na_values=[""]) for folder in semantic]
-    volumes = [read(folder / layout.LEVEL_VOLUMES, dtype={"image_id": str, "region": str, "level": str}) for folder in levels]
-    table = qc_table(images[columns],
-                     pd.concat(agreement, ignore_index=True) if agreement else pd.DataFrame(columns=["image_id", "structure", "dsc"]),
-                     pd.concat(volumes, ignore_index=True) if volumes else pd.DataFrame(columns=["image_id", "region", "level", "mm3"]))
-    summary.write_parquet(out / layout.QC_TABLE, table, metadata)
-    io.write_tsv(out / layout.QC_FLAGS, table[table["flags"] != ""][["image_id", "region", "score", "flags"]])
-    snapshots = {r.image_id: os.path.relpath(Path(r.folder) / layout.derivative_name(r.image_id, *layout.SNAPSHOT), out)
-                 for r in images.itertuples()}
-    with io.atomic_path(out / layout.QC_REVIEW) as tmp:
-        tmp.write_text(review_page(table, snapshots, review_images))
-
-
 def _option(*flags: str, **kwargs: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
     return flags, kwargs
 
@@ -613,7 +542,7 @@ _BATCH_OPTIONS = (
 # Every stage command of `layout`: its driver (keyword arguments named after the options), help and own
 # options. Per-batch stages also take `_BATCH_OPTIONS`; a driver receives the options its signature names.
 STAGE_COMMANDS: dict[str, tuple[Callable[..., None], str, tuple[tuple[tuple[str, ...], dict[str, Any]], ...]]] = {
-    "bias-correct": (_bias_correct, "N4 bias-field correction of a batch", (
+    "bias-correct": (bias_correct_batch, "N4 bias-field correction of a batch", (
         _option("--shrink", type=int, nargs=3, default=N4_DEFAULTS["shrink"], help="in-plane, in-plane, through-plane"),
         _option("--iterations", type=int, nargs="+", default=N4_DEFAULTS["iterations"], help="iterations per fitting level"),
         _option("--bias-fwhm", type=float, default=N4_DEFAULTS["bias_fwhm"], help="N4 bias-field FWHM"),
@@ -644,7 +573,8 @@ STAGE_COMMANDS: dict[str, tuple[Callable[..., None], str, tuple[tuple[tuple[str,
         _option("--levels", type=Path, nargs="+", required=True, help="the label-levels folders holding the batch's vertebra masks"),
         _option("--structures", type=json.loads, required=True, help='JSON: {"name": [label ids], ...}'),
         _option("--assd", choices=ASSD_DEFINITIONS, default="mean_of_means", help="ASSD definition"))),
-    "summarize": (_summarize, "cohort-wide: partitioned scores, by-region summary, Table S1, levels, plots, failures", (
+    "summarize": (summarize, "cohort-wide: partitioned scores, by-region summary, Table S1, levels, plots, failures, QC", (
+        _option("--manifest", type=Path, required=True, help="cohort manifest TSV (which batch holds each image now)"),
         _option("--scores", type=Path, nargs="*", default=[], help="per-batch score folders"),
         _option("--levels", type=Path, nargs="*", default=[], help="per-group label-levels folders"),
         _option("--semantic", type=Path, nargs="*", default=[], help=f"per-batch average-folds folders (their {layout.FOLD_AGREEMENT})"),

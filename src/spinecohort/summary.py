@@ -166,10 +166,11 @@ def levels_table(scores: pd.DataFrame) -> pd.DataFrame:
                                        "Localisation (mm)"])
 
 
-def write_levels_table(table: pd.DataFrame, folder: Path) -> dict[str, Path]:
-    """The levels table as Markdown and CSV (atomic writes)."""
+def write_levels_table(table: pd.DataFrame, folder: Path, *, empty: str | None = None) -> dict[str, Path]:
+    """The levels table as Markdown and CSV (atomic writes); `empty`, when given, says in the caption why it has no rows."""
     caption = ("Vertebra levels: identification rate (VerSe, 20 mm) and localisation distance, mean ± SD over the "
-               "images with levels (numbered across the subject's stations from C2, or from a station's own C2 or sacrum); counted images make no claim of levels")
+               "images with levels (numbered across the subject's stations from C2, or from a station's own C2 or sacrum); counted images make no claim of levels"
+               + (f" ({empty})" if empty else ""))
     paths = {"md": folder / "levels.md", "csv": folder / "levels.csv"}
     texts = {"md": f"{caption}\n\n{table.to_markdown(index=False)}\n", "csv": table.to_csv(index=False)}
     return _write_texts(paths, texts)
@@ -200,10 +201,18 @@ def read_scores(files: Sequence[Path]) -> pa.Table:
 
 
 def write_partitioned(table: pa.Table, folder: Path) -> None:
-    """The cohort's scores as a hive-partitioned dataset (``region=lumbar/…``), replaced as a whole."""
+    """The cohort's scores as a hive-partitioned dataset (``region=lumbar/…``), replaced as a whole. Without rows
+    (no image has a reference) it holds one empty file with the schema, so that readers get the columns."""
+    import pyarrow.parquet as pq
+
     tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
     ds.write_dataset(table, tmp, format="parquet", partitioning=["region"], partitioning_flavor="hive",
                      existing_data_behavior="delete_matching")
+    if table.num_rows == 0:
+        pq.write_table(table, tmp / "part-0.parquet")
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)
@@ -293,16 +302,27 @@ def box_plots(scores: pd.DataFrame, folder: Path, structures: Sequence[str]) -> 
     return paths
 
 
-def failures(ledgers: Sequence[Path]) -> pd.DataFrame:
-    """One row per image that did not finish: where it failed and why.
+FAILURE_COLUMNS = ("image_id", "batch", *layout.LEDGER_COLUMNS[1:])
+
+
+def failures(ledgers: Sequence[Path], batches: Mapping[str, str]) -> pd.DataFrame:
+    """One row per image of the manifest (`batches`: image_id -> its batch) that did not finish: its batch, where
+    it failed and why.
 
     A stage's own failure wins over the "skipped" rows that later stages write
     for it (those carry the reason but not the stage; temporary fold folders may
-    be gone, so a skipped row is all that is left of a failed fold).
+    be gone, so a skipped row is all that is left of a failed fold). A batch's
+    ledger (``work/<batch>/<stage>/ledger.tsv``) speaks for the images that batch
+    holds now: one that `spinecohort retry` moved on left its old failure there.
     """
-    tables = [pd.read_csv(p, sep="\t", dtype=str, keep_default_na=False) for p in ledgers]
+    tables = []
+    for path in ledgers:
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+        held = table.image_id.map(batches)
+        tables.append(table[held == path.parent.parent.name if path.parent.name in layout.LEDGER_FOLDERS else held.notna()])
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=list(layout.LEDGER_COLUMNS))
     table = table[table.status != "ok"].copy()
     table["order"] = (table.status != "failed").astype(int)
     table = table.sort_values(["image_id", "order"], kind="stable").drop_duplicates("image_id")
-    return table[list(layout.LEDGER_COLUMNS)].reset_index(drop=True)
+    table["batch"] = table.image_id.map(batches)
+    return table[list(FAILURE_COLUMNS)].reset_index(drop=True)

@@ -5,7 +5,6 @@ import json
 import shlex
 from pathlib import Path
 
-import pandas as pd
 import yaml
 
 from spinecohort import cohort, layout, phantom, semantic
@@ -64,7 +63,7 @@ INSTANCE_MODEL = (
 @functools.cache
 def _read_manifest(path):
     """The manifest, checked against its schema and for safe, unique ids."""
-    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    table = cohort.read_manifest_table(path)
     schema = yaml.safe_load(Path(MANIFEST_SCHEMA).read_text())
     if problems := cohort.schema_problems(table, schema):
         raise cohort.ManifestError(f"manifest {path}: " + "; ".join(problems[:20]))
@@ -87,8 +86,16 @@ def _manifest_table():
 
 @functools.cache
 def _batch_members():
-    """Batch -> comma-separated image ids."""
+    """Batch -> comma-separated image ids: the images it holds now."""
     return _manifest_table().groupby("batch")["image_id"].agg(",".join).to_dict()
+
+
+@functools.cache
+def _batch_history():
+    """Batch -> comma-separated image ids it was made for (`cohort.batch_history`: retried images too)."""
+    return {
+        b: ",".join(ids) for b, ids in cohort.batch_history(_manifest_table()).items()
+    }
 
 
 @functools.cache
@@ -102,8 +109,10 @@ def get_batches():
 
 
 def get_batch_members(wildcards):
-    """Image ids of a batch: a param, so that Snakemake reruns a batch whose membership changed."""
-    return _batch_members()[wildcards.batch]
+    """Image ids of a batch: a param, so that Snakemake reruns a batch whose membership changed. An image
+    that `spinecohort retry` moved to a new batch stays a member of its old one: that one is not redone.
+    """
+    return _batch_history()[wildcards.batch]
 
 
 def get_model_file(name):

@@ -28,6 +28,7 @@ rule score:
 
 rule summarize:
     input:
+        manifest=ancient(MANIFEST),
         scores=expand(stage_dir("score"), batch=get_batches()),
         levels=expand(stage_dir("label-levels"), batch=get_groups()),
         semantic=expand(stage_dir("average-folds"), batch=get_batches()),
@@ -87,6 +88,6 @@ rule summarize:
         folder=SUMMARY,
         review=config["qc"]["review_images"],
     shell:
-        "spinecohort summarize --scores {input.scores} --levels {input.levels} --semantic {input.semantic}"
+        "spinecohort summarize --manifest {input.manifest} --scores {input.scores} --levels {input.levels} --semantic {input.semantic}"
         " --ledgers {params.ledgers} --structures {params.structures} --review-images {params.review}"
         " --dataset {output.dataset} --provenance {input.provenance} --out {params.folder} &> {log}"
