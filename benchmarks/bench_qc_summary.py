@@ -69,7 +69,7 @@ with tempfile.TemporaryDirectory() as tmp:
         summary.write_partitioned(table_arrow, out / f"scores{k}")
         stats = summary.by_region(scores)
         summary.write_table_s1(summary.table_s1(stats, STRUCTURES), out, "caption")
-        summary.write_levels_table(summary.levels_table(scores), out)
+        summary.write_levels_table(summary.levels_table(scores, images), out)
         summary.box_plots(scores, out, STRUCTURES)
         t1 = time.perf_counter()
         table = qc_table(images, agreement, volumes)

@@ -64,6 +64,15 @@ def bad_images(folder: Path, good: Path) -> dict[str, tuple[Path, str]]:
     two_headers.set_sform(moved, code=2)
     nib.save(two_headers, folder / "qform_sform.nii.gz")
     cases["qform_sform"] = (folder / "qform_sform.nii.gz", "qform (code 1) and sform (code 2) disagree")
+    # Headers that claim more than the file holds: 1500 x 1500 x 400 float32 (3.6 GB, the file 1.4 MB) took 3.6 GiB
+    # before failing, a larger claim failed as a bare MemoryError. Over max_voxels (the default's 80 million) the claim
+    # fails as too large, under it as more than the file holds; both from the header, allocating nothing.
+    for name, shape, reason in (("huge_header", (1500, 1500, 400), "max_voxels"), ("lying_header", (400, 400, 400), "holds only")):
+        liar = nib.Nifti1Image(data, aff)
+        liar.header.set_data_shape(shape)
+        path = folder / f"{name}.nii.gz"
+        path.write_bytes(gzip.compress(liar.header.binaryblock + bytes(4) + data.tobytes()))  # 348 + 4: the data offset
+        cases[name] = (path, reason)
     rgb = np.zeros(data.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
     rgb["R"] = np.clip(data, 0, 255).astype(np.uint8)
     nib.save(nib.Nifti1Image(rgb, aff), folder / "rgb.nii.gz")

@@ -215,7 +215,7 @@ def check_declared_size(path: Path, img: nib.Nifti1Image, *, max_voxels: int | N
         raise _fail(path, f"cannot read voxel data ({exc})") from None
     if stored < needed:
         raise _fail(path, f"header declares {tuple(shape)} {dtype} voxels ({needed:,} bytes with the header), "
-                          f"the file holds {stored:,} bytes: truncated, or a wrong header")
+                          f"the file holds only {stored:,}: truncated, or a wrong header")
 
 
 GZIP_MAGIC: Final = b"\x1f\x8b"

@@ -43,35 +43,44 @@ def summarize(*, manifest: Path, out: Path, structures: list[str], scores: list[
     n = rows.drop_duplicates("image_id").groupby("region").size()
     counts = ", ".join(f"{r}: n={n[r]}" for r in REGIONS if r in n) or NOTHING_TO_SCORE
     summary.write_table_s1(summary.table_s1(stats, structures), out, f"DSC and ASSD (mm), mean ± SD over images per station ({counts})")
-    summary.write_levels_table(summary.levels_table(rows), out, empty=NOTHING_TO_SCORE if rows.empty else None)
+    stations = finished_stations(levels)
+    summary.write_levels_table(summary.levels_table(rows, stations), out, empty=NOTHING_TO_SCORE if rows.empty else None)
     summary.box_plots(rows, out, structures)
     io.write_tsv(out / "failures.tsv", summary.failures(ledgers, batches))
     subjects = [pd.read_csv(folder / layout.SUBJECT_LEVELS, sep="\t", dtype=str, keep_default_na=False) for folder in levels]
     io.write_tsv(out / layout.SUBJECT_LEVELS, pd.concat(subjects, ignore_index=True) if subjects
                  else pd.DataFrame(columns=list(SUBJECT_LEVEL_COLUMNS)))
-    write_qc(out, levels, semantic, review_images, metadata, batches)
+    write_qc(out, stations, levels, semantic, review_images, metadata, batches)
     log.info("summarised %d score rows of %d images%s", len(rows), rows["image_id"].nunique(), f" ({NOTHING_TO_SCORE})" if rows.empty else "")
 
 
-def write_qc(out: Path, levels: list[Path], semantic: list[Path], review_images: int, metadata: dict[bytes, bytes],
-             batches: Mapping[str, str]) -> None:
-    """qc.parquet, qc_flags.tsv and the review page (`cohort_qc`), from label-levels' and average-folds' outputs
-    (`batches`, image_id -> its batch in the manifest: an average-folds folder counts for the images its batch holds)."""
+def _read(path: Path, **kwargs: Any) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t", keep_default_na=False, **kwargs)
+
+
+STATION_COLUMNS = ["image_id", "region", "numbering", "vertebrae", "missing_ivds", "canal_gap_mm"]
+
+
+def finished_stations(levels: list[Path]) -> pd.DataFrame:
+    """The images label-levels finished, from its ledgers: STATION_COLUMNS (the QC measures as floats) and folder."""
+    ledgers = [_read(folder / layout.LEDGER, dtype=str).assign(folder=str(folder)) for folder in levels]
+    images = pd.concat(ledgers, ignore_index=True) if ledgers else pd.DataFrame(columns=["image_id", "status", "folder"])
+    images = images[images.status == "ok"]
+    return images.reindex(columns=[*STATION_COLUMNS, "folder"]).astype({c: float for c in STATION_COLUMNS[3:]})
+
+
+def write_qc(out: Path, images: pd.DataFrame, levels: list[Path], semantic: list[Path], review_images: int,
+             metadata: dict[bytes, bytes], batches: Mapping[str, str]) -> None:
+    """qc.parquet, qc_flags.tsv and the review page (`cohort_qc`), from label-levels' (`images`: `finished_stations`) and
+    average-folds' outputs (`batches`, image_id -> its batch in the manifest: an average-folds folder counts for the
+    images its batch holds)."""
     from . import summary
     from .cohort_qc import qc_table, review_page
 
-    def read(path: Path, **kwargs: Any) -> pd.DataFrame:
-        return pd.read_csv(path, sep="\t", keep_default_na=False, **kwargs)
-
-    ledgers = [read(folder / layout.LEDGER, dtype=str).assign(folder=str(folder)) for folder in levels]
-    images = pd.concat(ledgers, ignore_index=True) if ledgers else pd.DataFrame(columns=["image_id", "status", "folder"])
-    images = images[images.status == "ok"]
-    columns = ["image_id", "region", "numbering", "vertebrae", "missing_ivds", "canal_gap_mm"]
-    images = images.reindex(columns=[*columns, "folder"]).astype({c: float for c in columns[3:]})
-    agreement = [held_now(read(folder / layout.FOLD_AGREEMENT, na_values=[""], dtype={"image_id": str}), folder.parent.name, batches)
+    agreement = [summary.held_now(_read(folder / layout.FOLD_AGREEMENT, na_values=[""], dtype={"image_id": str}), folder.parent.name, batches)
                  for folder in semantic]
-    volumes = [read(folder / layout.LEVEL_VOLUMES, dtype={"image_id": str, "region": str, "level": str}) for folder in levels]
-    table = qc_table(images[columns],
+    volumes = [_read(folder / layout.LEVEL_VOLUMES, dtype={"image_id": str, "region": str, "level": str}) for folder in levels]
+    table = qc_table(images[STATION_COLUMNS],
                      pd.concat(agreement, ignore_index=True) if agreement else pd.DataFrame(columns=["image_id", "structure", "dsc"]),
                      pd.concat(volumes, ignore_index=True) if volumes else pd.DataFrame(columns=["image_id", "region", "level", "mm3"]))
     summary.write_parquet(out / layout.QC_TABLE, table, metadata)
@@ -81,7 +90,3 @@ def write_qc(out: Path, levels: list[Path], semantic: list[Path], review_images:
     with io.atomic_path(out / layout.QC_REVIEW) as tmp:
         tmp.write_text(review_page(table, snapshots, review_images))
 
-
-def held_now(rows: pd.DataFrame, batch: str, batches: Mapping[str, str]) -> pd.DataFrame:
-    """The rows of a batch's table whose images the batch holds now (`batches`: image_id -> batch, the manifest's)."""
-    return rows[rows["image_id"].map(batches) == batch]

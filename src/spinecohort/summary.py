@@ -29,6 +29,7 @@ __all__ = [
     "box_plots",
     "by_region",
     "failures",
+    "held_now",
     "image_score_rows",
     "instance_score_rows",
     "level_score_rows",
@@ -143,21 +144,24 @@ def _mean_sd(table: pd.DataFrame, column: str, digits: int) -> str:
     return "–" if v.empty else f"{v.mean():.{digits}f} ± {v.std():.{digits}f}" if len(v) > 1 else f"{v.mean():.{digits}f}"
 
 
-def levels_table(scores: pd.DataFrame) -> pd.DataFrame:
-    """Per station: images, how they were numbered, identification rate and localisation (mean ± SD over anchored images)."""
+def levels_table(scores: pd.DataFrame, stations: pd.DataFrame) -> pd.DataFrame:
+    """Per station: the images with levels and how they were numbered (`stations`: image_id, region, numbering, of
+    every image label-levels finished), and over the anchored images that references scored, the identification
+    rate and localisation (mean ± SD); "–" where none was scored (a cohort without references)."""
     levels = scores[scores.structure == LEVELS]
     rows = []
     for region in REGIONS:
-        mine = levels[levels.region == region]
+        mine = stations[stations.region == region]
         if mine.empty:
             continue
-        per_image = mine.pivot_table(index="image_id", columns="metric", values="value", aggfunc="first", dropna=False)
-        modes = mine.drop_duplicates("image_id").set_index("image_id")["flag"]
-        anchored = per_image[modes.reindex(per_image.index) != "count"]
+        scored = levels[levels.region == region]
+        per_image = (scored.pivot_table(index="image_id", columns="metric", values="value", aggfunc="first", dropna=False)
+                     if len(scored) else pd.DataFrame(columns=["id_rate", "localisation_mm", "identified", "scored"]))
+        anchored = per_image[mine.set_index("image_id").numbering.reindex(per_image.index) != "count"]
         rows.append({
             "Station": TABLE_S1_REGIONS[region],
-            "Images": len(per_image),
-            "Numbering": ", ".join(f"{m} {n}" for m, n in modes.value_counts().sort_index().items()),
+            "Images": len(mine),
+            "Numbering": ", ".join(f"{m} {n}" for m, n in mine.numbering.value_counts().sort_index().items()),
             "Identification rate": _mean_sd(anchored, "id_rate", 3),
             "Vertebrae identified": f"{int(anchored['identified'].sum())} of {int(anchored['scored'].sum())}" if len(anchored) else "–",
             "Localisation (mm)": _mean_sd(anchored, "localisation_mm", 2),
@@ -302,6 +306,11 @@ def box_plots(scores: pd.DataFrame, folder: Path, structures: Sequence[str]) -> 
     return paths
 
 
+def held_now(rows: pd.DataFrame, batch: str, batches: Mapping[str, str]) -> pd.DataFrame:
+    """The rows of a batch's table whose images the batch holds now (`batches`: image_id -> batch, the manifest's)."""
+    return rows[rows["image_id"].map(batches) == batch]
+
+
 FAILURE_COLUMNS = ("image_id", "batch", *layout.LEDGER_COLUMNS[1:])
 
 
@@ -318,8 +327,8 @@ def failures(ledgers: Sequence[Path], batches: Mapping[str, str]) -> pd.DataFram
     tables = []
     for path in ledgers:
         table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-        held = table.image_id.map(batches)
-        tables.append(table[held == path.parent.parent.name if path.parent.name in layout.LEDGER_FOLDERS else held.notna()])
+        per_batch = path.parent.name in layout.LEDGER_FOLDERS  # else a subject group's
+        tables.append(held_now(table, path.parent.parent.name, batches) if per_batch else table[table.image_id.isin(batches)])
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=list(layout.LEDGER_COLUMNS))
     table = table[table.status != "ok"].copy()
     table["order"] = (table.status != "failed").astype(int)
