@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,19 +29,29 @@ class N4Result:
 MIN_SHRUNK_VOXELS = 16
 
 
+# The through-plane shrink factor goes to the coarsest axis only where it is this much coarser than both others (a
+# stack of thick slices): an isotropic grid, or one whose short axis is the fine one, has no through-plane axis, and
+# shrinking one of its axes less than the others only slows N4.
+THROUGH_PLANE_RATIO = 1.5
+
+
 def n4_shrink_factors(spacing: Sequence[float], shrink: Sequence[int], size: Sequence[int]) -> list[int]:
-    """Per-axis shrink factors: `shrink` is (in-plane, in-plane, through-plane), the coarsest axis gets the last;
-    each is lowered where it would leave the axis under MIN_SHRUNK_VOXELS (a short axis is not shrunk).
+    """Per-axis shrink factors: `shrink` is (in-plane, in-plane, through-plane), the coarsest axis gets the last
+    (when THROUGH_PLANE_RATIO times coarser than both others; else every axis an in-plane one); each is lowered
+    where it would leave the axis under MIN_SHRUNK_VOXELS (a short axis is not shrunk).
 
     >>> n4_shrink_factors((0.67, 0.67, 4.0), (4, 4, 2), (448, 448, 15))
     [4, 4, 1]
     >>> n4_shrink_factors((4.0, 0.67, 0.67), (4, 4, 2), (40, 448, 448))
     [2, 4, 4]
     >>> n4_shrink_factors((1.875, 1.875, 1.0), (8, 8, 1), (160, 160, 14))  # thin slices on the short axis
-    [1, 8, 1]
+    [8, 8, 1]
+    >>> n4_shrink_factors((1.0, 1.0, 1.0), (8, 6, 1), (300, 300, 62))  # isotropic
+    [8, 6, 3]
     """
-    coarse = int(np.argmax(spacing))
-    fine = iter(shrink[:2])
+    second, first = sorted(spacing)[1:]
+    coarse = int(np.argmax(spacing)) if first > THROUGH_PLANE_RATIO * second else None
+    fine = itertools.cycle(shrink[:2])  # the in-plane factors in turn (an isotropic grid's third axis takes the first again)
     wanted = [int(shrink[2]) if axis == coarse else int(next(fine)) for axis in range(3)]
     return [max(1, min(factor, int(n) // MIN_SHRUNK_VOXELS)) for factor, n in zip(wanted, size)]
 
