@@ -164,8 +164,8 @@ def batch_history(table: pd.DataFrame) -> dict[str, list[str]]:
     >>> batch_history(rows)
     {'b0001': ['a', 'b'], 'b0002': ['b']}
     """
-    pairs = [(b, i) for i, b, e in zip(table["image_id"], table["batch"], table.get("earlier_batches", [""] * len(table)))
-             for b in (b, *e.split())]
+    earlier = table.get("earlier_batches", [""] * len(table))
+    pairs = [(batch, i) for i, now, before in zip(table["image_id"], table["batch"], earlier) for batch in (now, *before.split())]
     history: dict[str, list[str]] = {}
     for batch, image_id in sorted(pairs):
         history.setdefault(batch, []).append(image_id)
@@ -200,6 +200,8 @@ def retry_candidates(table: pd.DataFrame, failures: pd.DataFrame, *, changed_aft
     `table` has resolved paths (`resolve_paths`). A file's change is its modification time: replacing a file
     sets it, whatever its size (a copy with ``cp -p`` keeps the old time: touch it).
     """
+    if "batch" not in failures:
+        raise ManifestError("the failures table has no batch column (written before spinecohort had retry): run snakemake once more first")
     rows = table.set_index("image_id")
     held = failures[[rows["batch"].get(i) == b for i, b in zip(failures.image_id, failures.batch)]]
 
