@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from hostile import bad_images
+from readme import page
 
 from spinecohort import cohort, geometry, io, pipeline, preprocess, semantic
 from spinecohort.defaults import MAX_VOXELS
@@ -457,16 +458,16 @@ def test_every_stage_of_the_layout_is_a_command_whose_options_fill_its_driver():
 
 def test_every_job_log_ends_with_its_cost_as_the_readme_shows(tmp_path: Path):
     """The last line of a job's log: its CPU seconds (imports included), wall seconds and peak memory, in the
-    README's form; memory reuse is on (glibc), which changes no result (the fold and determinism tests)."""
+    Speed page's form; memory reuse is on (glibc), which changes no result (the fold and determinism tests)."""
     import subprocess
 
     from spinecohort.runtime import COST_LINE as cost
     from spinecohort.runtime import NETWORK_BUSY_LINE, keep_freed_memory
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text().split("## Speed")[1]
-    assert cost.search(readme.split("```\n")[1].strip()), "README's example line is not the jobs' form"
-    busy_example = re.search(r"`(fold \d+: network busy[^`]*)`", readme)
-    assert busy_example and NETWORK_BUSY_LINE.search(busy_example[1]), "README's fold-job line is not the jobs' form"
+    speed = page("performance.md")
+    assert cost.search(speed.split("```\n")[1].strip()), "the Speed page's example line is not the jobs' form"
+    busy_example = re.search(r"`(fold \d+: network busy[^`]*)`", speed)
+    assert busy_example and NETWORK_BUSY_LINE.search(busy_example[1]), "the Speed page's fold-job line is not the jobs' form"
     proc = subprocess.run([sys.executable, "-m", "spinecohort.cli", "phantom", str(tmp_path), "--subjects", "1"],
                           capture_output=True, text=True, check=True)  # fmt: skip
     command, cpu, wall, peak = cost.search(proc.stderr.strip().splitlines()[-1]).groups()  # type: ignore[union-attr]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from readme import README, page
 
 from spinecohort import geometry, instances, metrics
 from spinecohort import labels as L
@@ -180,10 +181,15 @@ def test_the_demo_gives_exact_levels_one_geometry_and_says_count_where_it_counts
     assert "| Thoracic  |        4 | subject 4   | 1.000 ± 0.000         | 51 of 51" in levels_md
     subjects = pd.read_csv(demo_local_run / "summary" / layout.SUBJECT_LEVELS, sep="\t", dtype=str, keep_default_na=False)
     assert list(subjects.vertebrae) == ["23"] * 4 and set(subjects.linked) == {"cervical-thoracic thoracic-lumbar"}
-    # The README shows both demo tables as this run writes them (the demo is deterministic).
-    readme = (ROOT / "README.md").read_text()
+    # Getting started shows both demo tables as this run writes them (the demo is deterministic); the README four
+    # rows of Table S1, as they are there, and the count of vertebrae identified.
     for table in ("levels.md", "table_s1.md"):
-        assert (demo_local_run / "summary" / table).read_text().strip() in readme, table
+        assert (demo_local_run / "summary" / table).read_text().strip() in page("getting-started.md"), table
+    readme, table_s1 = README.read_text(), (demo_local_run / "summary" / "table_s1.md").read_text().splitlines()
+    shown = [line for line in readme.split("## The demo")[1].split("\n## ")[0].splitlines() if line.startswith("| ")]
+    assert len(shown) == 5 and all(line in table_s1 for line in shown), shown
+    identified = pd.read_csv(demo_local_run / "summary" / "levels.csv")["Vertebrae identified"].str.split(" of ", expand=True).astype(int)
+    assert identified[0].sum() == identified[1].sum() and f"({identified[0].sum()} of {identified[1].sum()}," in readme
 
 
 def test_the_demo_stitches_each_subject_into_one_spine_with_its_levels(demo_local_run):

@@ -303,15 +303,17 @@ def test_the_demo_derivatives_say_what_made_them(demo_local_run: Path):
 
 
 @pytest.mark.slow
-def test_the_readmes_example_outputs_are_what_the_demo_writes(demo_local_run: Path):
-    """Every file the README shows exists; those under docs/examples/ are the demo's own (the centroids
-    exactly, the snapshots pixel for pixel up to PNG rounding), so a change of the outputs shows here."""
+def test_the_docs_example_outputs_are_what_the_demo_writes(demo_local_run: Path):
+    """Every file the README and the docs pages show exists; those under docs/examples/ are the demo's own (the
+    centroids exactly, the snapshots pixel for pixel up to PNG rounding), so a change of the outputs shows here."""
     import json
 
     import matplotlib.image
 
     readme = (ROOT / "README.md").read_text()
     linked = set(re.findall(r"\]\((docs/[^)]+)\)", readme))
+    for doc in (ROOT / "docs").glob("*.md"):  # the pages link relative to docs/
+        linked |= {f"docs/{p}" for p in re.findall(r"\]\(([^)#:]+\.(?:png|json|svg))\)", doc.read_text())}
     assert all((ROOT / p).is_file() for p in linked), sorted(p for p in linked if not (ROOT / p).is_file())
     examples = sorted((ROOT / "docs" / "examples").iterdir())
     assert {f"docs/examples/{p.name}" for p in examples} <= linked and len(examples) == 5

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from readme import slurm_short_form
+from readme import page, slurm_short_form
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,13 +132,12 @@ def test_fold_logits_go_to_the_runs_own_scratch_folder_and_claim_the_capped_reso
     assert cap >= 150 * yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["scratch"]["mib_per_image"]
 
 
-def test_no_rule_asks_for_a_conda_env_and_the_readme_says_what_to_use():
+def test_no_rule_asks_for_a_conda_env_and_the_docs_say_what_to_use():
     """`--sdm conda` cannot build an env that installs this package (Snakemake copies the env file away from the
-    repository): the rules carry no `conda:` directive, and the README's cluster section says so."""
+    repository): the rules carry no `conda:` directive, and the cluster page says so."""
     import re
 
     rules = [ROOT / "Snakefile", *(ROOT / "workflow" / "rules").glob("*.smk")]
     assert len(rules) >= 9
     assert [p.name for p in rules if re.search(r"^\s+conda:", p.read_text(), re.M)] == []
-    section = (ROOT / "README.md").read_text().split("## On a SLURM cluster")[1].split("\n## ")[0]
-    assert "no `conda:` directives and `--sdm conda` is not supported" in section
+    assert "no `conda:` directives and `--sdm conda` is not supported" in page("cluster.md")
