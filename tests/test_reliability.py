@@ -291,7 +291,7 @@ def test_a_cohort_without_references_finishes_and_a_fixed_image_alone_is_redone(
     assert set(pd.read_csv(summary / "table_s1.csv").iloc[:, 1:].stack()) == {"–"}
     scores = pd.read_parquet(results / "scores")
     assert scores.empty and set(summary_module.SCORE_SCHEMA.names) <= set(scores.columns)
-    assert assert_one_line_per_row(results) > 10
+    assert assert_one_line_per_row(results) > 10 and assert_one_line_per_row(demo_local_run) > 10
 
     # The fix: a good image in place of the broken file, then the README's command.
     shutil.copyfile(good, broken)
