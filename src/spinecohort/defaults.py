@@ -16,5 +16,8 @@ N4: Final[dict[str, Any]] = {"shrink": (8, 8, 1), "iterations": (50, 50), "bias_
 # 22-26 bytes above the image itself), so 80 million voxels (e.g. 512 x 512 x 300) stay within its 3000 MB.
 MAX_VOXELS: Final = 80_000_000
 
+# ASSD definitions (`metrics`): the mean of both directions' mean distances, or the mean over both surfaces' points.
+ASSD_DEFINITIONS: Final = ("mean_of_means", "pooled")
+
 # Where torch runs, for every command that loads a network.
 DEVICE_HELP: Final = "auto (CUDA when present), cuda or cpu"

@@ -36,6 +36,8 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.spatial import cKDTree
 
+from .defaults import ASSD_DEFINITIONS  # defined there: the CLI reads it without importing scipy
+
 __all__ = [
     "ASSD_DEFINITIONS",
     "EMPTY_POLICY",
@@ -53,7 +55,6 @@ __all__ = [
     "surface_distances",
 ]
 
-ASSD_DEFINITIONS = ("mean_of_means", "pooled")
 EMPTY_POLICY = {
     "both_empty": "structure in neither mask: DSC and ASSD are NaN, left out of summaries",
     "pred_empty": "structure missed: DSC 0 (counts in summaries), ASSD NaN (left out, counted)",

@@ -28,11 +28,10 @@ import pandas as pd
 
 from . import cohort, io, layout
 from .bias_correction import bias_correct_batch
-from .defaults import DEVICE_HELP, MAX_VOXELS
+from .defaults import ASSD_DEFINITIONS, DEVICE_HELP, MAX_VOXELS
 from .defaults import N4 as N4_DEFAULTS
 from .labels import IVD_OFFSET, REGIONS, SACRUM, SEMANTIC_NAMES
 from .labels import VERTEBRA_NAMES as L_NAMES
-from .metrics import ASSD_DEFINITIONS
 from .semantic import Fold, parse_fold
 from .summarize import summarize
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy import ndimage
 
 from . import labels as L
 
@@ -378,6 +377,8 @@ def clean_semantic(seg: NDArray[np.uint8], spacing: ArrayLike) -> NDArray[np.uin
        the block (10 mm extra along the column); delete the rest.
     3. Fill holes in 49, 61, 100 and 60 where the hole is background.
     """
+    from scipy import ndimage  # here, not at import: every CLI start reads this module (fold ids)
+
     seg = seg.copy()
     mm = np.asarray(spacing, float)
     min_voxels = SPECK_MM3 / float(np.prod(mm))
@@ -396,6 +397,8 @@ def clean_semantic(seg: NDArray[np.uint8], spacing: ArrayLike) -> NDArray[np.uin
 
 
 def _spine_block(fg: NDArray[np.bool_], spacing: NDArray[np.float64]) -> NDArray[np.bool_]:
+    from scipy import ndimage
+
     comp, n = ndimage.label(fg, structure=np.ones((3, 3, 3)))
     if n <= 1:
         return fg

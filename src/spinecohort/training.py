@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
 
-from . import cohort, geometry, io, layout
+from . import cohort, io, layout
 from . import labels as L
 from .defaults import DEVICE_HELP
 from .defaults import N4 as N4_DEFAULTS
@@ -109,6 +109,7 @@ def preprocess_pair(
     image_path: str, reference_path: str, *, orientation: Sequence[str], spacing: Sequence[float], n4: dict[str, Any], threads: int = 1
 ) -> tuple[NDArray[np.float32], NDArray[np.int32], NDArray[np.float64]]:
     """Image and reference on the model's grid, the image through the same N4 and resampling as inference."""
+    from . import geometry  # SimpleITK: not at import, which every CLI start pays
     from .preprocess import bias_correct, to_model_space
 
     image, affine = io.load_image(image_path)
