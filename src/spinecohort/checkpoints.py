@@ -40,13 +40,18 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
 
 
 class _Stub:
-    """Stands in for any object a checkpoint pickles besides tensors and plain data."""
+    """Stands in for any object a checkpoint pickles besides tensors and plain data.
+
+    It keeps the data the object was rebuilt from (constructor arguments, a state dict's items as attributes),
+    so a reader can look up plain settings such as a labelling model's `final_size`; it runs nothing.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
+        self.stub_args = args
 
     def __setstate__(self, state: Any) -> None:
-        pass
+        if isinstance(state, dict):
+            self.__dict__.update(state)
 
 
 def _rebuilds_data(module: str, name: str) -> bool:

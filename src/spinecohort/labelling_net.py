@@ -1,0 +1,177 @@
+"""The labelling network of a SPINEPS labelling model folder, loaded without Lightning, MONAI or pickled code.
+
+A SPINEPS 2.x labelling model (VERIDAH, release `t2w_labeling`) is a 3-D DenseNet (MONAI's layout: 121 or 169
+layers) whose classification layer is replaced by one head per target, each Linear(features -> features/2),
+ReLU, Linear(-> classes). Our own modules carry the checkpoint's parameter names (`net.features...`,
+`classification_heads.<HEAD>...`), so its `state_dict` loads as it is; the architecture is read from the
+weights' names and shapes (layers per block, widths, heads), not from the pickled hyper-parameters, of which
+only `final_size` (the cutout size) is used.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import torch
+from torch import nn
+
+from .checkpoints import load_lightning_checkpoint
+
+CHECKPOINT_PATTERN: Final = "**/*val_f1=*valf1-weights.ckpt"  # SPINEPS's glob; the last in sorted order is used
+DEFAULT_FINAL_SIZE: Final = (152, 168, 32)  # SPINEPS's cutout size when the checkpoint names none
+
+
+class LabellingModelError(ValueError):
+    """A labelling model folder that cannot be used; the message names the folder and the reason."""
+
+
+class _DenseLayer(nn.Module):
+    def __init__(self, c_in: int, bottleneck: int, growth: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential()
+        self.layers.add_module("norm1", nn.BatchNorm3d(c_in))
+        self.layers.add_module("relu1", nn.ReLU())
+        self.layers.add_module("conv1", nn.Conv3d(c_in, bottleneck, 1, bias=False))
+        self.layers.add_module("norm2", nn.BatchNorm3d(bottleneck))
+        self.layers.add_module("relu2", nn.ReLU())
+        self.layers.add_module("conv2", nn.Conv3d(bottleneck, growth, 3, padding=1, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.layers(x)], 1)
+
+
+class DenseNet3D(nn.Module):
+    """A 3-D DenseNet feature extractor with MONAI's parameter names: stem (7^3 conv, stride 2; 3^3 max-pool,
+    stride 2), dense blocks joined by transitions (BN, ReLU, 1^3 conv halving the width, 2^3 average pool), a
+    final BN, then ReLU and global average pooling to one feature vector per image."""
+
+    def __init__(self, blocks: tuple[int, ...], stem: int = 64, growth: int = 32, bottleneck: int = 128) -> None:
+        super().__init__()
+        self.features = nn.Sequential()
+        self.features.add_module("conv0", nn.Conv3d(1, stem, 7, stride=2, padding=3, bias=False))
+        self.features.add_module("norm0", nn.BatchNorm3d(stem))
+        self.features.add_module("relu0", nn.ReLU())
+        self.features.add_module("pool0", nn.MaxPool3d(3, stride=2, padding=1))
+        width = stem
+        for b, layers in enumerate(blocks, start=1):
+            block = nn.Sequential()
+            for k in range(1, layers + 1):
+                block.add_module(f"denselayer{k}", _DenseLayer(width, bottleneck, growth))
+                width += growth
+            self.features.add_module(f"denseblock{b}", block)
+            if b < len(blocks):
+                transition = nn.Sequential()
+                transition.add_module("norm", nn.BatchNorm3d(width))
+                transition.add_module("relu", nn.ReLU())
+                transition.add_module("conv", nn.Conv3d(width, width // 2, 1, bias=False))
+                transition.add_module("pool", nn.AvgPool3d(2, stride=2))
+                self.features.add_module(f"transition{b}", transition)
+                width //= 2
+        self.features.add_module("norm5", nn.BatchNorm3d(width))
+        self.width = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(nn.functional.adaptive_avg_pool3d(torch.relu(self.features(x)), 1), 1)
+
+
+class LabellingNet(nn.Module):
+    """Backbone and heads; `forward` gives each head's softmax posteriors, (batch, classes)."""
+
+    def __init__(self, blocks: tuple[int, ...], heads: dict[str, int], stem: int = 64, growth: int = 32, bottleneck: int = 128) -> None:
+        super().__init__()
+        self.net = DenseNet3D(blocks, stem, growth, bottleneck)
+        width = self.net.width
+        self.classification_heads = nn.ModuleDict(
+            {name: nn.Sequential(nn.Linear(width, width // 2), nn.ReLU(), nn.Linear(width // 2, n)) for name, n in heads.items()}
+        )
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.net(x)
+        return {name: torch.softmax(head(features), dim=1) for name, head in self.classification_heads.items()}
+
+
+def architecture(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The network's shape from its weights: dense layers per block, stem, growth and bottleneck widths, heads."""
+    layers: dict[int, int] = {}
+    for key in state:
+        if m := re.match(r"net\.features\.denseblock(\d+)\.denselayer(\d+)\.", key):
+            layers[int(m[1])] = max(layers.get(int(m[1]), 0), int(m[2]))
+    heads = {m[1]: int(state[key].shape[0]) for key in state if (m := re.match(r"classification_heads\.(\w+)\.2\.weight$", key))}
+    if not layers or not heads or "net.features.conv0.weight" not in state:
+        raise ValueError("not a DenseNet with classification heads (SPINEPS's DENSENET121/169 labelling layout)")
+    first = "net.features.denseblock1.denselayer1.layers."
+    return {"blocks": tuple(layers[b] for b in sorted(layers)), "heads": heads, "stem": int(state["net.features.conv0.weight"].shape[0]),
+            "growth": int(state[first + "conv2.weight"].shape[0]), "bottleneck": int(state[first + "conv1.weight"].shape[0])}  # fmt: skip
+
+
+@dataclass
+class LabellingModel:
+    """A loaded labelling model: its network (eval mode), config and cutout size."""
+
+    folder: Path
+    config: dict[str, Any]
+    net: LabellingNet
+    final_size: tuple[int, int, int]
+    device: torch.device
+
+    @property
+    def orientation(self) -> str:
+        return "".join(self.config.get("model_expected_orientation", ["P", "I", "R"]))
+
+    @torch.inference_mode()
+    def posteriors(self, cutouts: torch.Tensor, batch: int = 8) -> dict[str, torch.Tensor]:
+        """Each head's posteriors for cutouts (n, X, Y, Z), float32 on the CPU."""
+        parts: list[dict[str, torch.Tensor]] = []
+        for start in range(0, len(cutouts), batch):
+            x = cutouts[start : start + batch, None].to(self.device)
+            parts.append({k: v.float().cpu() for k, v in self.net(x).items()})
+        return {k: torch.cat([p[k] for p in parts]) for k in self.net.classification_heads}
+
+
+def _checkpoint(folder: Path) -> Path:
+    found = sorted(folder.glob(CHECKPOINT_PATTERN))
+    if not found:
+        raise LabellingModelError(f"labelling model {folder}: no checkpoint matches {CHECKPOINT_PATTERN}")
+    return found[-1]
+
+
+def read_labelling_config(folder: str | Path) -> dict[str, Any]:
+    """The folder's `inference_config.json`, checked to be a SPINEPS classifier."""
+    folder = Path(folder)
+    path = folder / "inference_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LabellingModelError(f"labelling model {folder}: cannot read inference_config.json ({exc})") from None
+    if config.get("modeltype") != "classifier":
+        raise LabellingModelError(f"labelling model {folder}: modeltype is {config.get('modeltype')!r}, a labelling model is 'classifier'")
+    return config
+
+
+def load_labelling_model(folder: str | Path, device: str | torch.device = "cpu") -> LabellingModel:
+    """Load a SPINEPS labelling model folder as released (no code in the checkpoint runs)."""
+    folder = Path(folder)
+    config = read_labelling_config(folder)
+    checkpoint = _checkpoint(folder)
+    content = load_lightning_checkpoint(checkpoint)
+    state = content.get("state_dict", {})
+    try:
+        shape = architecture(state)
+    except ValueError as exc:
+        raise LabellingModelError(f"labelling model {checkpoint}: {exc}") from None
+    opt = (content.get("hyper_parameters") or {}).get("opt")
+    if getattr(opt, "classification_conv", False):
+        raise LabellingModelError(f"labelling model {checkpoint}: convolutional heads (classification_conv) are not supported")
+    final_size = tuple(int(v) for v in getattr(opt, "final_size", None) or DEFAULT_FINAL_SIZE)
+    net = LabellingNet(**shape)
+    state = {k: v for k, v in state.items() if not k.startswith("net.class_layers.")}  # parameter-free after the cut
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise LabellingModelError(f"labelling model {checkpoint}: weights do not fit ({str(exc).splitlines()[0]})") from None
+    dev = torch.device(device)
+    return LabellingModel(folder, config, net.to(dev).eval(), final_size, dev)  # type: ignore[arg-type]
