@@ -28,7 +28,7 @@ from spinecohort.summarize import NOTHING_TO_SCORE
 ROOT = Path(__file__).resolve().parents[1]
 CRASH_HOOK = ROOT / "tests" / "crash"  # sitecustomize.py: SIGKILL at the n-th rename of one subcommand
 # Every per-batch and cohort-wide stage, in workflow order.
-STAGES = (*(stage.command for stage in layout.BATCH_STAGES), *layout.COHORT_STAGES)
+STAGES = (*(stage.command for stage in layout.BATCH_STAGES if not stage.optional), *layout.COHORT_STAGES)  # the demo runs no optional stage
 FINAL = ("derivatives", "scores", "summary")
 
 

@@ -1,6 +1,6 @@
-"""From a labelling model's per-vertebra posteriors to vertebra ids: SPINEPS 2.1.3's scores, an exact path search.
+"""From a labeling model's per-vertebra posteriors to vertebra ids: SPINEPS 2.1.3's scores, an exact path search.
 
-SPINEPS's labelling phase (VERIDAH) scores every (vertebra, class) pair from its heads and walks the column top
+SPINEPS's labeling phase (VERIDAH) scores every (vertebra, class) pair from its heads and walks the column top
 to bottom through the classes C1...L5 (24-class axis: T13 is a second T12, L6 a second L5) or C1...L6 (26-class
 axis: T13 and L6 are classes of their own). `scores` builds SPINEPS's score matrix with its weights and
 smoothing; `search` returns the path of truly least cost with SPINEPS's moves, by dynamic programming over
@@ -21,7 +21,7 @@ from scipy.ndimage import gaussian_filter1d
 
 from spinecohort.labels import VERTEBRA_IDS
 
-# Head names and class counts of a SPINEPS labelling model (its `group_2_n_channel`).
+# Head names and class counts of a SPINEPS labeling model (its `group_2_n_channel`).
 HEAD_SIZES: Final = {"REGION": 3, "VERT": 24, "VERTEX": 26, "VERTREL": 6, "VERTGRP": 12, "VERTT13": 2, "FULLYVISIBLE": 2}
 HEAD_ALIASES: Final = {"VT13": "VERTT13", "VERTEXACT": "VERTEX"}  # training names SPINEPS's phase does not read
 
@@ -57,7 +57,7 @@ def canonical_heads(posteriors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def axis_of(heads: dict[str, np.ndarray]) -> Axis:
     """26 when the model has a 26-class head and no 24-class one (as SPINEPS decides), else 24."""
     if not {"VERT", "VERTEX", "VERTGRP"} & heads.keys():
-        raise ValueError(f"a labelling model needs a VERT, VERTEX or VERTGRP head; it has {sorted(heads)}")
+        raise ValueError(f"a labeling model needs a VERT, VERTEX or VERTGRP head; it has {sorted(heads)}")
     return 26 if "VERTEX" in heads and "VERT" not in heads else 24
 
 

@@ -19,6 +19,7 @@ BATCH_SCORES: Final = "scores.parquet"
 FOLD_AGREEMENT: Final = "fold_agreement.tsv"  # average_folds: image_id, structure, dsc (mean pairwise DSC of the folds)
 
 
+LABELING_TABLE: Final = "labeling.tsv"  # label-vertebrae: per image and vertebra its level and every head's posteriors
 SUBJECT_LEVELS: Final = "subject_levels.tsv"  # label-levels: one row per subject (see `subject_levels`)
 LEVEL_VOLUMES: Final = "level_volumes.tsv"  # label-levels: image_id, region, level, mm3 (images with levels)
 QC_TABLE: Final = "qc.parquet"  # summarize: one row per image (`cohort_qc.qc_table`)
@@ -36,6 +37,8 @@ class BatchStage(NamedTuple):
     # Runs once per subject group over all stations of its subjects, whichever batches hold them; a
     # group is named after the first batch of each of its subjects (`cohort.subject_groups`).
     per_subject: bool = False
+    # Runs only where the config asks for it (`label-vertebrae`: a labeling model is configured).
+    optional: bool = False
 
 
 # The per-batch stages in workflow order; `summarize` follows, cohort-wide.
@@ -46,6 +49,7 @@ BATCH_STAGES: Final = (
     BatchStage("average-folds", "average_folds", "semantic", True),
     BatchStage("assemble-instances", "assemble_instances", "instances", True),
     BatchStage("restore", "restore", "restore", True),
+    BatchStage("label-vertebrae", "label_vertebrae", "labeling", True, optional=True),
     BatchStage("label-levels", "label_levels", "levels", True, per_subject=True),
     BatchStage("score", "score", "scores", True),
 )

@@ -28,7 +28,7 @@ NOTHING_TO_SCORE = "no image has a reference mask that could be scored: nothing 
 def summarize(*, manifest: Path, out: Path, structures: list[str], scores: list[Path], levels: list[Path], semantic: list[Path],
               ledgers: list[Path], dataset: Path, review_images: int, provenance: Path) -> None:
     from . import summary
-    from .pipeline import SUBJECT_LEVEL_COLUMNS
+    from .label_levels import SUBJECT_LEVEL_COLUMNS
     from .provenance import parquet_metadata, read_run
 
     out.mkdir(parents=True, exist_ok=True)

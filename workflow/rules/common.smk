@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from spinecohort import cohort, layout, phantom, semantic
+from spinecohort import cohort, labeling_net, layout, phantom, semantic
 
 RESULTS = Path(config["results"])
 WORK = RESULTS / "work"
@@ -58,6 +58,17 @@ INSTANCE_MODEL = (
     if config["instance_model"]["path"] == "demo"
     else config["instance_model"]["path"]
 )
+
+# Labelling model (config `labeling_model`): SPINEPS's folder, or none (no label_vertebrae stage).
+LABELING_MODEL = (
+    None
+    if config["labeling_model"]["path"] == "none"
+    else config["labeling_model"]["path"]
+)
+if LABELING_MODEL and Path(LABELING_MODEL).exists():
+    labeling_net.read_labeling_config(
+        LABELING_MODEL
+    )  # a broken folder stops the run at start-up
 
 
 @functools.cache
@@ -163,7 +174,7 @@ def get_final_output(wildcards):
 def get_ledger_folders(wildcards):
     """Every batch's and subject group's folders that keep a ledger (summarize's failures table reads them all)."""
     return [
-        *(str(WORK / b / f) for b in get_batches() for f in layout.LEDGER_FOLDERS),
+        *(str(WORK / b / f) for b in get_batches() for f in _batch_ledger_folders()),
         *(str(WORK / g / f) for g in get_groups() for f in layout.GROUP_LEDGER_FOLDERS),
     ]
 
@@ -187,6 +198,22 @@ def get_group_restore_folders(wildcards):
     """The restore folders of every batch that holds a station of the group's subjects."""
     batches = sorted({_batch_of()[i] for i in _subject_groups()[wildcards.batch]})
     return [str(WORK / b / layout.folder("restore")) for b in batches]
+
+
+def _batch_ledger_folders():
+    """The ledger-keeping folders of every batch: the optional label-vertebrae one with a labelling model."""
+    optional = {s.folder for s in layout.BATCH_STAGES if s.optional}
+    return [f for f in layout.LEDGER_FOLDERS if f not in optional or LABELING_MODEL]
+
+
+def get_group_labeling_folders(wildcards):
+    """With a labelling model: the label-vertebrae folders of every batch that holds a station of the group."""
+    if not LABELING_MODEL:
+        return []
+    return [
+        f.replace(layout.folder("restore"), layout.folder("label-vertebrae"))
+        for f in get_group_restore_folders(wildcards)
+    ]
 
 
 def get_batch_levels_folders(wildcards):

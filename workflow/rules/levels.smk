@@ -6,6 +6,7 @@ rule label_levels:
     input:
         manifest=ancient(MANIFEST),
         restore=get_group_restore_folders,
+        labeling=get_group_labeling_folders,
         provenance=rules.describe.output.provenance,
     output:
         report(
@@ -30,7 +31,7 @@ rule label_levels:
     shell:
         "spinecohort label-levels --manifest {input.manifest} --batch {wildcards.batch}"
         " --restore {input.restore} --derivatives {params.derivatives} --provenance {input.provenance}"
-        " {params.whole_spine} --out {output} &> {log}"
+        " {params.whole_spine} --labeling {input.labeling} --out {output} &> {log}"
 
 
 rule publish_derivative:

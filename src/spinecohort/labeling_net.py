@@ -1,6 +1,6 @@
-"""The labelling network of a SPINEPS labelling model folder, loaded without Lightning, MONAI or pickled code.
+"""The labeling network of a SPINEPS labeling model folder, loaded without Lightning, MONAI or pickled code.
 
-A SPINEPS 2.x labelling model (VERIDAH, release `t2w_labeling`) is a 3-D DenseNet (MONAI's layout: 121 or 169
+A SPINEPS 2.x labeling model (VERIDAH, release `t2w_labeling`) is a 3-D DenseNet (MONAI's layout: 121 or 169
 layers) whose classification layer is replaced by one head per target, each Linear(features -> features/2),
 ReLU, Linear(-> classes). Our own modules carry the checkpoint's parameter names (`net.features...`,
 `classification_heads.<HEAD>...`), so its `state_dict` loads as it is; the architecture is read from the
@@ -25,8 +25,8 @@ CHECKPOINT_PATTERN: Final = "**/*val_f1=*valf1-weights.ckpt"  # SPINEPS's glob; 
 DEFAULT_FINAL_SIZE: Final = (152, 168, 32)  # SPINEPS's cutout size when the checkpoint names none
 
 
-class LabellingModelError(ValueError):
-    """A labelling model folder that cannot be used; the message names the folder and the reason."""
+class LabelingModelError(ValueError):
+    """A labeling model folder that cannot be used; the message names the folder and the reason."""
 
 
 class _DenseLayer(nn.Module):
@@ -78,7 +78,7 @@ class DenseNet3D(nn.Module):
         return torch.flatten(nn.functional.adaptive_avg_pool3d(torch.relu(self.features(x)), 1), 1)
 
 
-class LabellingNet(nn.Module):
+class LabelingNet(nn.Module):
     """Backbone and heads; `forward` gives each head's softmax posteriors, (batch, classes)."""
 
     def __init__(self, blocks: tuple[int, ...], heads: dict[str, int], stem: int = 64, growth: int = 32, bottleneck: int = 128) -> None:
@@ -102,19 +102,19 @@ def architecture(state: dict[str, torch.Tensor]) -> dict[str, Any]:
             layers[int(m[1])] = max(layers.get(int(m[1]), 0), int(m[2]))
     heads = {m[1]: int(state[key].shape[0]) for key in state if (m := re.match(r"classification_heads\.(\w+)\.2\.weight$", key))}
     if not layers or not heads or "net.features.conv0.weight" not in state:
-        raise ValueError("not a DenseNet with classification heads (SPINEPS's DENSENET121/169 labelling layout)")
+        raise ValueError("not a DenseNet with classification heads (SPINEPS's DENSENET121/169 labeling layout)")
     first = "net.features.denseblock1.denselayer1.layers."
     return {"blocks": tuple(layers[b] for b in sorted(layers)), "heads": heads, "stem": int(state["net.features.conv0.weight"].shape[0]),
             "growth": int(state[first + "conv2.weight"].shape[0]), "bottleneck": int(state[first + "conv1.weight"].shape[0])}  # fmt: skip
 
 
 @dataclass
-class LabellingModel:
-    """A loaded labelling model: its network (eval mode), config and cutout size."""
+class LabelingModel:
+    """A loaded labeling model: its network (eval mode), config and cutout size."""
 
     folder: Path
     config: dict[str, Any]
-    net: LabellingNet
+    net: LabelingNet
     final_size: tuple[int, int, int]
     device: torch.device
 
@@ -123,7 +123,7 @@ class LabellingModel:
         return "".join(self.config.get("model_expected_orientation", ["P", "I", "R"]))
 
     @torch.inference_mode()
-    def posteriors(self, cutouts: torch.Tensor, batch: int = 8) -> dict[str, torch.Tensor]:
+    def posteriors(self, cutouts: torch.Tensor, batch: int = 4) -> dict[str, torch.Tensor]:
         """Each head's posteriors for cutouts (n, X, Y, Z), float32 on the CPU."""
         parts: list[dict[str, torch.Tensor]] = []
         for start in range(0, len(cutouts), batch):
@@ -135,43 +135,47 @@ class LabellingModel:
 def _checkpoint(folder: Path) -> Path:
     found = sorted(folder.glob(CHECKPOINT_PATTERN))
     if not found:
-        raise LabellingModelError(f"labelling model {folder}: no checkpoint matches {CHECKPOINT_PATTERN}")
+        raise LabelingModelError(f"labeling model {folder}: no checkpoint matches {CHECKPOINT_PATTERN}")
     return found[-1]
 
 
-def read_labelling_config(folder: str | Path) -> dict[str, Any]:
+def read_labeling_config(folder: str | Path) -> dict[str, Any]:
     """The folder's `inference_config.json`, checked to be a SPINEPS classifier."""
     folder = Path(folder)
     path = folder / "inference_config.json"
     try:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise LabellingModelError(f"labelling model {folder}: cannot read inference_config.json ({exc})") from None
+        raise LabelingModelError(f"labeling model {folder}: cannot read inference_config.json ({exc})") from None
     if config.get("modeltype") != "classifier":
-        raise LabellingModelError(f"labelling model {folder}: modeltype is {config.get('modeltype')!r}, a labelling model is 'classifier'")
+        raise LabelingModelError(f"labeling model {folder}: modeltype is {config.get('modeltype')!r}, a labeling model is 'classifier'")
+    if len(config.get("resolution_range") or []) not in (2, 3):
+        raise LabelingModelError(f"labeling model {folder}: inference_config.json has no resolution_range (a triple or a [min, max] pair)")
     return config
 
 
-def load_labelling_model(folder: str | Path, device: str | torch.device = "cpu") -> LabellingModel:
-    """Load a SPINEPS labelling model folder as released (no code in the checkpoint runs)."""
+def load_labeling_model(folder: str | Path, device: str | torch.device = "cpu") -> LabelingModel:
+    """Load a SPINEPS labeling model folder as released (no code in the checkpoint runs)."""
     folder = Path(folder)
-    config = read_labelling_config(folder)
+    config = read_labeling_config(folder)
     checkpoint = _checkpoint(folder)
     content = load_lightning_checkpoint(checkpoint)
     state = content.get("state_dict", {})
     try:
         shape = architecture(state)
     except ValueError as exc:
-        raise LabellingModelError(f"labelling model {checkpoint}: {exc}") from None
+        raise LabelingModelError(f"labeling model {checkpoint}: {exc}") from None
     opt = (content.get("hyper_parameters") or {}).get("opt")
     if getattr(opt, "classification_conv", False):
-        raise LabellingModelError(f"labelling model {checkpoint}: convolutional heads (classification_conv) are not supported")
+        raise LabelingModelError(f"labeling model {checkpoint}: convolutional heads (classification_conv) are not supported")
+    if "v4corpus" in (ds_name := str(getattr(opt, "ds_name", ""))):  # SPINEPS rotates such a model's cutouts; the release does not
+        raise LabelingModelError(f"labeling model {checkpoint}: rotated cutouts (ds_name {ds_name}) are not supported")
     final_size = tuple(int(v) for v in getattr(opt, "final_size", None) or DEFAULT_FINAL_SIZE)
-    net = LabellingNet(**shape)
+    net = LabelingNet(**shape)
     state = {k: v for k, v in state.items() if not k.startswith("net.class_layers.")}  # parameter-free after the cut
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:
-        raise LabellingModelError(f"labelling model {checkpoint}: weights do not fit ({str(exc).splitlines()[0]})") from None
+        raise LabelingModelError(f"labeling model {checkpoint}: weights do not fit ({str(exc).splitlines()[0]})") from None
     dev = torch.device(device)
-    return LabellingModel(folder, config, net.to(dev).eval(), final_size, dev)  # type: ignore[arg-type]
+    return LabelingModel(folder, config, net.to(dev).eval(), final_size, dev)  # type: ignore[arg-type]
