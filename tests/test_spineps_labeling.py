@@ -96,7 +96,7 @@ def test_the_stage_gives_spinepss_posteriors_and_ids_and_its_ids_are_published(
 
         # The same vertebrae, top first, and the same posteriors of every head.
         assert [int(k) for k in theirs["instance_order"]] == table.vertebra.tolist()
-        their_heads = {h: np.array([theirs["predictions"][k][h] for k in theirs["instance_order"]]) for h in HEAD_SIZES}
+        their_heads = {h: np.array([theirs["predictions"][str(k)][h] for k in theirs["instance_order"]]) for h in HEAD_SIZES}
         ours = our_heads(table)
         assert set(ours) == set(their_heads)
         worst = max(float(np.abs(ours[h] - their_heads[h]).max()) for h in ours)
