@@ -1,4 +1,4 @@
-"""The labelling phase's path search (issue 38): SPINEPS's scores, and a minimum that is exact.
+"""The labeling phase's path search (issue 38): SPINEPS's scores, and a minimum that is exact.
 
 Posteriors are constructed from a known column: each vertebra's heads put most of their mass on its true class.
 Exactness is checked against brute force over every path SPINEPS's moves allow.

@@ -153,3 +153,31 @@ def test_the_exact_search_is_spinepss_minimum_and_lower_where_its_greedy_search_
         f"{len(lower)} of {len(cases)} cases: SPINEPS's search is not the minimum; first: SPINEPS {lower[0][0]} "
         f"(cost {lower[0][2]:.4f}), exact {lower[0][1]} (cost {lower[0][3]:.4f})"
     )
+
+
+def test_spineps_loads_a_labelling_model_we_write_and_labels_like_us(tmp_path: Path):
+    """The export format (`labeling_net.write_labeling_model`, for the models our rules will train): SPINEPS's own
+    loader reads it, and its phase gives our posteriors and ids on a phantom station (references as the masks)."""
+    from spinecohort.labeling import label_station, station_cutouts, stored_type
+    from spinecohort.labeling_net import load_labeling_model, random_labeling_net, write_labeling_model
+    from spinecohort.phantom import write_cohort
+
+    write_labeling_model(
+        tmp_path / "ours", random_labeling_net(backbone="DENSENET121", scale=100, seed=5), final_size=(128, 144, 32)
+    )
+    manifest = write_cohort(tmp_path / "cohort", subjects=1, preset="small")
+    row = pd.read_csv(manifest, sep="\t", dtype=str).query("region == 'lumbar'").iloc[0]
+    image, vert, spine = (manifest.parent / row[k] for k in ("image", "reference_instance", "reference_semantic"))
+    side("run", tmp_path / "ours", image, vert, spine, tmp_path / "spineps.json")
+    theirs = json.loads((tmp_path / "spineps.json").read_text())
+
+    model = load_labeling_model(tmp_path / "ours")
+    data, affine = io.load_image(image)
+    cutouts = station_cutouts(stored_type(image, data), affine, io.load_mask(vert)[0], io.load_mask(spine)[0],
+                              orientation=model.orientation, resolution_range=model.config["resolution_range"], size=model.final_size)  # fmt: skip
+    ours = label_station(cutouts, model)
+    assert [int(k) for k in theirs["instance_order"]] == cutouts.ids and len(cutouts.ids) >= 5
+    for h, values in ours.posteriors.items():
+        their_values = np.array([theirs["predictions"][str(k)][h] for k in theirs["instance_order"]])
+        assert np.abs(values - their_values).max() < POSTERIOR_TOLERANCE, h
+    assert theirs["fpath_post"] == ours.levels or path_cost(scores(ours.posteriors), theirs["fpath"]) > ours.cost

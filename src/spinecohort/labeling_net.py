@@ -81,7 +81,9 @@ class DenseNet3D(nn.Module):
 class LabelingNet(nn.Module):
     """Backbone and heads; `forward` gives each head's softmax posteriors, (batch, classes)."""
 
-    def __init__(self, blocks: tuple[int, ...], heads: dict[str, int], stem: int = 64, growth: int = 32, bottleneck: int = 128) -> None:
+    def __init__(
+        self, blocks: tuple[int, ...], heads: dict[str, int], stem: int = 64, growth: int = 32, bottleneck: int = 128
+    ) -> None:
         super().__init__()
         self.net = DenseNet3D(blocks, stem, growth, bottleneck)
         width = self.net.width
@@ -148,9 +150,13 @@ def read_labeling_config(folder: str | Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as exc:
         raise LabelingModelError(f"labeling model {folder}: cannot read inference_config.json ({exc})") from None
     if config.get("modeltype") != "classifier":
-        raise LabelingModelError(f"labeling model {folder}: modeltype is {config.get('modeltype')!r}, a labeling model is 'classifier'")
+        raise LabelingModelError(
+            f"labeling model {folder}: modeltype is {config.get('modeltype')!r}, a labeling model is 'classifier'"
+        )
     if len(config.get("resolution_range") or []) not in (2, 3):
-        raise LabelingModelError(f"labeling model {folder}: inference_config.json has no resolution_range (a triple or a [min, max] pair)")
+        raise LabelingModelError(
+            f"labeling model {folder}: inference_config.json has no resolution_range (a triple or a [min, max] pair)"
+        )
     return config
 
 
@@ -168,7 +174,9 @@ def load_labeling_model(folder: str | Path, device: str | torch.device = "cpu") 
     opt = (content.get("hyper_parameters") or {}).get("opt")
     if getattr(opt, "classification_conv", False):
         raise LabelingModelError(f"labeling model {checkpoint}: convolutional heads (classification_conv) are not supported")
-    if "v4corpus" in (ds_name := str(getattr(opt, "ds_name", ""))):  # SPINEPS rotates such a model's cutouts; the release does not
+    if "v4corpus" in (
+        ds_name := str(getattr(opt, "ds_name", ""))
+    ):  # SPINEPS rotates such a model's cutouts; the release does not
         raise LabelingModelError(f"labeling model {checkpoint}: rotated cutouts (ds_name {ds_name}) are not supported")
     final_size = tuple(int(v) for v in getattr(opt, "final_size", None) or DEFAULT_FINAL_SIZE)
     net = LabelingNet(**shape)
@@ -179,3 +187,58 @@ def load_labeling_model(folder: str | Path, device: str | torch.device = "cpu") 
         raise LabelingModelError(f"labeling model {checkpoint}: weights do not fit ({str(exc).splitlines()[0]})") from None
     dev = torch.device(device)
     return LabelingModel(folder, config, net.to(dev).eval(), final_size, dev)  # type: ignore[arg-type]
+
+
+# MONAI's DenseNet names by their dense layers per block: what SPINEPS's `opt.backbone` must say to rebuild one.
+BACKBONES: Final = {(6, 12, 24, 16): "DENSENET121", (6, 12, 32, 32): "DENSENET169"}
+
+
+def write_labeling_model(
+    folder: str | Path,
+    net: LabelingNet,
+    *,
+    final_size: tuple[int, int, int] = DEFAULT_FINAL_SIZE,
+    resolution_range: list | None = None,
+    name: str = "T2w_labeling_spinecohort",
+) -> Path:
+    """Write `net` as a SPINEPS labelling model folder that SPINEPS 2.1.3 and `load_labeling_model` both load:
+    `inference_config.json` and `checkpoints/...val_f1=...valf1-weights.ckpt`. The hyper-parameters are an
+    `argparse.Namespace` (a standard-library class, so SPINEPS's Lightning loader needs none of ours); only the
+    two released DenseNet layouts can be written, as only those are what SPINEPS rebuilds."""
+    import argparse
+
+    shape = architecture(net.state_dict())
+    blocks, heads = shape["blocks"], shape["heads"]
+    if blocks not in BACKBONES:
+        raise ValueError(f"SPINEPS rebuilds DenseNet121 or 169 only; this network's blocks are {blocks}")
+    opt = argparse.Namespace(backbone=BACKBONES[blocks], classification_conv=False, classification_linear=True, in_channel=1,
+                             not_pretrained=True, num_classes=sum(heads.values()), mse_weighting=0.0, l2_regularization_w=1e-6,
+                             dropout=0.05, final_size=tuple(final_size), ds_name="spinecohort")  # fmt: skip
+    folder = Path(folder)
+    (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
+    config = {"log_name": name, "modality": "T2w", "acquisition": "sag", "modeltype": "classifier",
+              "model_expected_orientation": ["P", "I", "R"], "available_folds": 1, "inference_augmentation": False,
+              "resolution_range": resolution_range or [[0.75, 0.75, 1.65], [1.0, 1.0, 4.0]], "default_step_size": 0.5,
+              "labels": {}, "expected_inputs": ["img"]}  # fmt: skip
+    (folder / "inference_config.json").write_text(json.dumps(config, indent=1) + "\n")
+    checkpoint = folder / "checkpoints" / "epoch=0-val_f1=0.0000_valf1-weights.ckpt"
+    torch.save({"state_dict": net.state_dict(), "hyper_parameters": {"opt": opt, "group_2_n_channel": heads},
+                "pytorch-lightning_version": "2.6.6", "epoch": 0, "global_step": 0}, checkpoint)  # fmt: skip
+    return checkpoint
+
+
+def random_labeling_net(
+    *, backbone: str = "DENSENET169", heads: dict[str, int] | None = None, scale: float = 1.0, seed: int = 0
+) -> LabelingNet:
+    """A labelling network of random weights in a released layout; `scale` multiplies the heads' last layers
+    (posteriors of random heads are nearly flat; tests and benchmarks want them peaked)."""
+    from .label_search import HEAD_SIZES
+
+    torch.manual_seed(seed)
+    blocks = next(b for b, n in BACKBONES.items() if n == backbone)
+    net = LabelingNet(blocks, heads or dict(HEAD_SIZES))
+    with torch.no_grad():
+        for name, value in net.named_parameters():
+            if name.startswith("classification_heads.") and ".2." in name:
+                value.mul_(scale)
+    return net.eval()

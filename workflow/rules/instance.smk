@@ -45,6 +45,7 @@ rule label_vertebrae:
         gpu=1 if config["device"] != "cpu" else 0,
     params:
         members=get_batch_members,
+        model=LABELING_MODEL,
         device=config["device"],
         enforce=(
             "--enforce-12-thoracic"
@@ -53,5 +54,5 @@ rule label_vertebrae:
         ),
     shell:
         "spinecohort label-vertebrae --manifest {input.manifest} --batch {wildcards.batch}"
-        " --restore {input.restore} --model {LABELING_MODEL} --device {params.device} {params.enforce}"
+        " --restore {input.restore} --model {params.model} --device {params.device} {params.enforce}"
         " --threads {threads} --out {output} &> {log}"
