@@ -1,5 +1,7 @@
-"""The GPU path (issue 20): images per hour of `predict-fold` and `assemble-instances` on a device, how far its
-masks agree with the CPU's, and SPINEPS's own predictor on the same models where its environment is given.
+"""The GPU path (issue 20): images per hour of `predict-fold`, `assemble-instances` and `label-vertebrae` on a device,
+how far its masks and levels agree with the CPU's, and SPINEPS's own predictor on the same models where its
+environment is given. The labelling model is one of random weights in the released layout (DenseNet169, 152 x 168
+x 32 cutouts, heads x100; `labeling_net.write_labeling_model`), run on the phantoms' reference masks.
 
 NAKO-size phantoms (448x448x15), the shipped demo models. N4 and resampling run once on the CPU; then per
 device (the GPU, then the CPU): the three fold jobs, averaging and the instance job, each a real
@@ -25,8 +27,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from spinecohort import io, layout
+from spinecohort.labeling_net import random_labeling_net, write_labeling_model
 from spinecohort.phantom import write_cohort
 from spinecohort.runtime import COST_LINE, NETWORK_BUSY_LINE, keep_freed_memory
 
@@ -76,6 +80,19 @@ def one_after_another_in_a_fresh_process(**spec: object) -> tuple[float, float]:
     return wall, busy
 
 
+def references_as_restored(manifest: Path, out: Path) -> Path:
+    """A restore folder that holds the phantoms' reference masks (links) and a ledger of finished images."""
+    table = pd.read_csv(manifest, sep="\t", dtype=str, keep_default_na=False)
+    out.mkdir(parents=True)
+    for row in table.itertuples():
+        (out / layout.derivative_name(row.image_id, "vert")).symlink_to(manifest.parent / row.reference_instance)
+        (out / layout.derivative_name(row.image_id, "spine")).symlink_to(manifest.parent / row.reference_semantic)
+    io.write_tsv(
+        out / layout.LEDGER, pd.DataFrame({"image_id": table.image_id, "stage": "restore", "status": "ok", "message": ""})
+    )
+    return out
+
+
 def agreement(a: np.ndarray, b: np.ndarray) -> float:
     foreground = (a > 0) | (b > 0)
     return float(((a == b) & foreground).sum() / max(int(foreground.sum()), 1))
@@ -101,6 +118,10 @@ def main() -> None:
         manifest = write_cohort(tmp / "cohort", subjects=max(1, args.images // 3), preset=preset, batch_size=args.images)
         ids = [line.split("\t")[3] for line in manifest.read_text().splitlines()[1:]]
         n4, resampled = tmp / "n4", tmp / "resampled"
+        restored = references_as_restored(manifest, tmp / "restored")
+        labeling_model = tmp / "labeling_model"
+        write_labeling_model(labeling_model, random_labeling_net(backbone="DENSENET121" if args.quick else "DENSENET169", scale=100),
+                             final_size=(96, 96, 32) if args.quick else (152, 168, 32))  # fmt: skip
         job("bias-correct", manifest, n4, threads=threads)
         job("resample", manifest, resampled, "--input", str(n4), "--model", str(semantic_model), threads=threads)
         wall: dict[str, dict[str, float]] = {}
@@ -120,6 +141,8 @@ def main() -> None:
             # Every device's instance job starts from the CPU's semantic masks: their agreement is the instance phase's alone.
             w["instances"] = wall_of(job("assemble-instances", manifest, tmp / device / "instances", "--input", str(tmp / "cpu" / "semantic"),
                                  "--model", str(instance_model), "--device", device, threads=threads))  # fmt: skip
+            w["labeling"] = wall_of(job("label-vertebrae", manifest, tmp / device / "labeling", "--restore", str(restored),
+                                "--model", str(labeling_model), "--device", device, threads=threads))  # fmt: skip
             wall[device] = w
         anchor = tmp / "one_after_another"
         anchor_wall, anchor_busy = one_after_another_in_a_fresh_process(
@@ -136,6 +159,12 @@ def main() -> None:
                                     io.load_mask(layout.raw_semantic(tmp / "cpu" / "semantic", i))[0]) for i in ids]  # fmt: skip
         instance_agree = [agreement(io.load_mask(layout.raw_instances(tmp / args.device / "instances", i))[0],
                                     io.load_mask(layout.raw_instances(tmp / "cpu" / "instances", i))[0]) for i in ids]  # fmt: skip
+        levels = {d: pd.read_csv(tmp / d / "labeling" / layout.LABELING_TABLE, sep="\t") for d in wall}
+        posterior_columns = [c for c in levels["cpu"].columns if c.split("_")[0].isupper()]  # <HEAD>_<class>
+        levels_equal = levels[args.device]["level_id"].tolist() == levels["cpu"]["level_id"].tolist()
+        posterior_difference = float(
+            np.abs(levels[args.device][posterior_columns].to_numpy() - levels["cpu"][posterior_columns].to_numpy()).max()
+        )
         spineps = None
         if args.spineps:
             data = tmp / "spineps"
@@ -158,7 +187,10 @@ def main() -> None:
     print(f"{len(ids)} {preset} images, {threads} threads; images per hour of each job (start-up included)")
     for device, w in wall.items():
         print(f"  {device:<6}" + "  ".join(f"{k} {per_hour(v)}" for k, v in w.items()))
-    print(f"  agreement {args.device} vs cpu: semantic min {min(semantic_agree):.5f}, instances min {min(instance_agree):.5f}")
+    print(
+        f"  agreement {args.device} vs cpu: semantic min {min(semantic_agree):.5f}, instances min {min(instance_agree):.5f}, "
+        f"levels equal {levels_equal} (posteriors within {posterior_difference:.2g})"
+    )
     job_busy, job_wall = busy[args.device]
     print(
         f"  fold 0 on {args.device}: network busy {job_busy:.0%} of {job_wall:.1f} s; one after another {anchor_busy:.0%} of "
@@ -172,7 +204,10 @@ def main() -> None:
         "assemble_instances_images_per_hour": per_hour(wall[args.device]["instances"]),
         "cpu_predict_fold_images_per_hour": per_hour(np.median([wall["cpu"][f"fold{f}"] for f in range(3)])),
         "cpu_assemble_instances_images_per_hour": per_hour(wall["cpu"]["instances"]),
+        "label_vertebrae_images_per_hour": per_hour(wall[args.device]["labeling"]),
+        "cpu_label_vertebrae_images_per_hour": per_hour(wall["cpu"]["labeling"]),
         "semantic_agreement_min": round(min(semantic_agree), 6), "instance_agreement_min": round(min(instance_agree), 6),
+        "levels_equal": levels_equal, "posterior_difference_max": posterior_difference,
         "fold_network_busy": job_busy, "one_after_another_network_busy": round(anchor_busy, 2),
         "fold_batch_wall_vs_one_after_another": round(job_wall / anchor_wall, 3), "overlap_same_bytes": same_bytes,
         "spineps": spineps,

@@ -7,7 +7,7 @@ Ours: in this process on one thread, per image: reading the image and masks, cut
 (`labeling.station_cutouts`, `labeling.label_station`), CPU seconds. SPINEPS: its `perform_labeling_step` in its own
 environment on one thread, after its post-processing crop, CPU seconds of that call (tests/spineps_labelling_side.py
 run). Both without start-up and model loading. Ratio: ours over SPINEPS's CPU-s per image (median of the rounds).
---quick: one station, one round (tests/test_benchmarks.py). Last line: JSON.
+--quick: one station, one round, a DenseNet121 with 96 x 96 x 32 cutouts (tests/test_benchmarks.py). Last line: JSON.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ def main() -> None:
         work = Path(tmp)
         manifest = write_cohort(work / "cohort", subjects=args.subjects, preset="small")
         rows = io_rows(manifest)[: 1 if args.quick else None]
-        side("make-model", work / "model", "--seed", 0, "--scale", 100)
+        small = ("--backbone", "DENSENET121", "--final-size", 96, 96, 32) if args.quick else ()  # quick: that it runs
+        side("make-model", work / "model", "--seed", 0, "--scale", 100, *small)
         model = load_labeling_model(work / "model")
         rounds = 1 if args.quick else args.rounds
         our_s, their_s, vertebrae = [], [], 0

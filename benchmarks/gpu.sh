@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU figures in one call of at most 5 minutes (issue 20): images per hour of predict-fold and
-# assemble-instances on CUDA and on this machine's CPU, CUDA-vs-CPU mask agreement, and SPINEPS 2.1.3's
-# predictor on the same models when SPINEPS_PYTHON names the python of a SPINEPS environment.
+# The GPU figures in one call of at most 5 minutes (issue 20): images per hour of predict-fold,
+# assemble-instances and label-vertebrae on CUDA and on this machine's CPU, CUDA-vs-CPU mask and level
+# agreement, and SPINEPS 2.1.3's predictor on the same models when SPINEPS_PYTHON names the python of a
+# SPINEPS environment.
 # Needs this repository installed (pip install -e .) with a CUDA build of torch. Usage:
 #   [SPINEPS_PYTHON=/path/to/spineps-env/bin/python] bash benchmarks/gpu.sh [images, default 6] [log file]
 # Last line of the log: the JSON of benchmarks/bench_gpu.py; copy its figures into benchmarks/README.md (GPU).
