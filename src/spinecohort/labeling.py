@@ -59,13 +59,6 @@ def _cropped_affine(affine: NDArray[np.float64], box: tuple[slice, ...]) -> NDAr
     return out
 
 
-def _reoriented(data: NDArray, affine: NDArray[np.float64], codes: str) -> tuple[NDArray, NDArray[np.float64]]:
-    """An axis permutation and flip to `codes` (no interpolation), as nibabel's orientation tools define it."""
-    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt(tuple(codes)))
-    out = nib.orientations.apply_orientation(data, transform)
-    return out, affine @ nib.orientations.inv_ornt_aff(transform, data.shape)
-
-
 def _zoom(affine: NDArray[np.float64]) -> NDArray[np.float64]:
     """Voxel sizes as SPINEPS reads them back from a header: float32, rounded to 7 decimals."""
     return np.round(np.linalg.norm(affine[:3, :3], axis=0).astype(np.float32).astype(np.float64), 7)
@@ -123,11 +116,13 @@ class Cutouts:
 def station_cutouts(image: NDArray, affine: NDArray[np.float64], instance: NDArray[np.integer], semantic: NDArray[np.integer],
                     *, orientation: str, resolution_range: list, size: tuple[int, int, int]) -> Cutouts:
     """SPINEPS's labelling inputs for a station (module doc, steps 1-3); `image` in its stored number type."""
+    from .geometry import reorient  # here: it imports SimpleITK, which a CLI start need not pay for
+
     box = _crop_box(semantic > 0, int(POSTCROP_MM / _zoom(affine).min()))
     affine = _cropped_affine(affine, box)
     corpus = np.where((semantic[box] == CORPUS) & vertebra_ids(instance[box]), instance[box], 0)
-    img, pir = _reoriented(image[box], affine, orientation)
-    seg, _ = _reoriented(corpus, affine, orientation)
+    img, pir = reorient(image[box], affine, orientation)
+    seg, _ = reorient(corpus, affine, orientation)
     if not seg.any():
         return Cutouts([], np.zeros((0, *size), dtype=np.float32))
     zoom = _zoom(pir)
