@@ -116,6 +116,8 @@ class Cutouts:
 def station_cutouts(image: NDArray, affine: NDArray[np.float64], instance: NDArray[np.integer], semantic: NDArray[np.integer],
                     *, orientation: str, resolution_range: list, size: tuple[int, int, int]) -> Cutouts:
     """SPINEPS's labelling inputs for a station (module doc, steps 1-3); `image` in its stored number type."""
+    from scipy import ndimage
+
     from .geometry import reorient  # here: it imports SimpleITK, which a CLI start need not pay for
 
     box = _crop_box(semantic > 0, int(POSTCROP_MM / _zoom(affine).min()))
@@ -130,13 +132,10 @@ def station_cutouts(image: NDArray, affine: NDArray[np.float64], instance: NDArr
     pir = _cropped_affine(pir, crop)
     target = target_spacing(resolution_range, zoom)
     img, seg = _rescaled(img[crop], pir, target, 3), _rescaled(seg[crop], pir, target, 0)
-    ids = [int(v) for v in np.unique(seg) if v > 0]
-    arrays = []
-    for v in ids:
-        where = np.argwhere(seg == v)
-        lo, hi = where.min(axis=0), where.max(axis=0)
-        arrays.append(_cutout(img, lo + (hi - lo + 1) // 2, size))
-    return Cutouts(ids, np.stack(arrays))
+    boxes = ndimage.find_objects(seg)  # every vertebra's corpus box in one pass; box k-1 is id k's (None: absent)
+    ids = [k for k, box in enumerate(boxes, start=1) if box is not None]
+    centres = [np.array([b.start + (b.stop - b.start) // 2 for b in boxes[k - 1]]) for k in ids]
+    return Cutouts(ids, np.stack([_cutout(img, c, size) for c in centres]))
 
 
 def stored_type(path: str | Path, image: NDArray[np.float32]) -> NDArray:
