@@ -32,7 +32,7 @@ def label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path], 
     those ids, its provenance sidecar, its snapshot, and `layout.SUBJECT_LEVELS`; the masks restore numbered by
     station stay in its folder. With `whole_spine`, each subject's stations that carry levels also as one stitched
     semantic and instance mask and snapshot (`stitch`). With `labeling` (the label-vertebrae folders of the group's
-batches), the labelling model's ids where it named a station (`labeling.apply_model`)."""
+    batches), the labelling model's ids where it named a station (`labeling.apply_model`)."""
     from . import provenance as prov
     from .centroids import poi_json
     from .cohort_qc import image_measures, level_volumes
