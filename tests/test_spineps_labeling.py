@@ -11,6 +11,7 @@ its post-processing crop). Its path search is also run on constructed posteriors
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,6 +24,7 @@ from spineps_env import spineps_python
 from spinecohort import io, layout
 from spinecohort.label_search import HEAD_SIZES, Moves, ids_from_path, path_cost, scores, search
 from spinecohort.labels import vertebra_ids
+from spinecohort.model_names import MODELS_VARIABLE, RELEASES, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDE = ROOT / "tests" / "spineps_labelling_side.py"
@@ -30,6 +32,15 @@ POSTERIOR_TOLERANCE = 1e-5  # our table keeps 6 decimals; measured differences b
 COST_TOLERANCE = 1e-4  # SPINEPS scores float32 posteriors in float32 (measured differences up to 1.3e-5), we in float64
 
 pytestmark = pytest.mark.interop
+DEMO_MODELS = ROOT / "resources" / "demo_models"
+NAMED = (("semantic", "t2w", DEMO_MODELS / "semantic"), ("instance", "instance", DEMO_MODELS / "instance"),
+         ("labeling", "t2w_labeling", None))  # None: the test's labelling model  # fmt: skip
+RESOLVE_WITH_SPINEPS = """
+import json, sys
+from spineps.get_models import get_instance_model, get_labeling_model, get_semantic_model
+models = {"semantic": get_semantic_model, "instance": get_instance_model, "labeling": get_labeling_model}
+print(json.dumps({kind: str(models[kind](name, use_cpu=True).model_folder) for kind, name in json.loads(sys.argv[1])}))
+"""
 
 
 def side(*args: object) -> subprocess.CompletedProcess[str]:
@@ -47,14 +58,27 @@ def labeling_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def labeled_run(demo_local_run: Path, labeling_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo run, copied (times kept, so only the new stage and what follows it run) and finished with the model."""
+def spineps_models(labeling_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """$SPINEPS_SEGMENTOR_MODELS as SPINEPS 2.1.3's downloader leaves it (issue 40): the demo models and the labelling
+    model under the release folder names, as links (a lab's models folder often is)."""
+    root = tmp_path_factory.mktemp("spineps_models")
+    for kind, name, folder in NAMED:
+        (root / RELEASES[kind][name]).symlink_to(labeling_model if folder is None else folder)
+    return root
+
+
+@pytest.fixture(scope="module")
+def labeled_run(demo_local_run: Path, spineps_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo run, copied (times kept, so only the new stage and what follows it run) and finished with the model.
+    Every model is given by SPINEPS's name: a name resolved to another folder would rerun the demo's jobs."""
     results = tmp_path_factory.mktemp("labeled") / "results"
     shutil.copytree(demo_local_run, results)
     overlay = results.parent / "labeling.yaml"
-    overlay.write_text(f"labeling_model:\n  path: {labeling_model}\n  enforce_12_thoracic: false\n")
+    overlay.write_text("semantic_model: {path: t2w, folds: [0, 1, 2]}\ninstance_model: {path: instance}\n"
+                       "labeling_model: {path: t2w_labeling, enforce_12_thoracic: false}\n")  # fmt: skip
     proc = subprocess.run(["snakemake", "--cores", "2", "--configfile", "config/config.yaml", overlay, "--config", f"results={results}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=1500)  # fmt: skip
+                          cwd=ROOT, capture_output=True, text=True, timeout=1500,
+                          env={**os.environ, MODELS_VARIABLE: str(spineps_models)})  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     ran = {line.split()[1].rstrip(":") for line in proc.stderr.splitlines() if line.startswith(("rule ", "localrule "))}
     assert ran == {"label_vertebrae", "label_levels", "score", "summarize", "all"}, ran
@@ -181,3 +205,19 @@ def test_spineps_loads_a_labelling_model_we_write_and_labels_like_us(tmp_path: P
         their_values = np.array([theirs["predictions"][str(k)][h] for k in theirs["instance_order"]])
         assert np.abs(values - their_values).max() < POSTERIOR_TOLERANCE, h
     assert theirs["fpath_post"] == ours.levels or path_cost(scores(ours.posteriors), theirs["fpath"]) > ours.cost
+
+
+def test_spinepss_resolver_finds_the_model_folders_our_names_resolve_to(spineps_models: Path, labeled_run: Path):
+    """SPINEPS 2.1.3 loads `t2w`, `instance` and `t2w_labeling` from the models folder; ours are the same folders
+    (links followed), and the run above, given the names, used them (its provenance names them)."""
+    names = [(kind, name) for kind, name, _ in NAMED]
+    proc = subprocess.run([spineps_python(), "-c", RESOLVE_WITH_SPINEPS, json.dumps(names)], capture_output=True, text=True,
+                          timeout=600, env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), MODELS_VARIABLE: str(spineps_models)})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+    ours = {kind: resolve(name, kind, {MODELS_VARIABLE: str(spineps_models)}) for kind, name in names}
+    assert {kind: str(Path(folder).resolve()) for kind, folder in theirs.items()} == ours
+    assert theirs["semantic"] == str(spineps_models / "T2w_semantic_v1.0.9")  # SPINEPS's own folder name
+    provenance = json.loads((labeled_run / layout.PROVENANCE).read_text())
+    assert provenance["models"]["semantic"]["path"] == ours["semantic"] == str(DEMO_MODELS / "semantic")
+    assert provenance["models"]["instance"]["path"] == ours["instance"]

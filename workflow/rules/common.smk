@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from spinecohort import cohort, labeling_net, layout, phantom, semantic
+from spinecohort import cohort, labeling_net, layout, model_names, phantom, semantic
 
 RESULTS = Path(config["results"])
 WORK = RESULTS / "work"
@@ -42,10 +42,11 @@ MANIFEST_SCHEMA = str(
 # Demo models: trained by the training rules on phantoms, shipped (resources/demo_models/MODEL.md).
 DEMO_MODELS = Path(workflow.basedir) / "resources" / "demo_models"
 DEMO_MODEL = DEMO_MODELS / "semantic"
+# A model is a folder, or a name SPINEPS knows in $SPINEPS_SEGMENTOR_MODELS (`model_names`).
 MODEL = (
     DEMO_MODEL
     if config["semantic_model"]["path"] == "demo"
-    else config["semantic_model"]["path"]
+    else model_names.resolve(config["semantic_model"]["path"], "semantic")
 )
 FOLDS = config["semantic_model"]["folds"]
 # A broken model stops the run at start-up, not in every batch job (a folder that does not
@@ -56,14 +57,14 @@ DEMO_INSTANCE_MODEL = DEMO_MODELS / "instance"
 INSTANCE_MODEL = (
     DEMO_INSTANCE_MODEL
     if config["instance_model"]["path"] == "demo"
-    else config["instance_model"]["path"]
+    else model_names.resolve(config["instance_model"]["path"], "instance")
 )
 
 # Labelling model (config `labeling_model`): SPINEPS's folder, or none (no label_vertebrae stage).
 LABELING_MODEL = (
     None
     if config["labeling_model"]["path"] == "none"
-    else config["labeling_model"]["path"]
+    else model_names.resolve(config["labeling_model"]["path"], "labeling")
 )
 if LABELING_MODEL and Path(LABELING_MODEL).exists():
     labeling_net.read_labeling_config(
