@@ -26,6 +26,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from . import labels as L
+from . import layout
 
 __all__ = ["FLAGS", "image_measures", "level_volumes", "level_z", "qc_table", "ranking_quality", "review_page"]
 
@@ -170,8 +171,9 @@ def ranking_quality(score: pd.Series, dsc: pd.Series, failing: float = FAILING_D
             "spearman": round(float(stats.spearmanr(score, dsc).statistic), 4)}
 
 
-def review_page(table: pd.DataFrame, snapshots: Mapping[str, str], n: int) -> str:
-    """An HTML page of the `n` worst images: score, flags explained, and the snapshot (relative link)."""
+def review_page(table: pd.DataFrame, snapshots: Mapping[str, str], n: int, notice: str = "") -> str:
+    """An HTML page of the `n` worst images: score, flags explained, and the snapshot (relative link); a `notice`
+    (e.g. that the cohort mixes software stacks) above them."""
     rows = []
     for r in table.head(n).itertuples():
         flags = "".join(f"<li><b>{f}</b>: {html.escape(FLAGS[f])}</li>" for f in r.flags.split(",") if f)
@@ -180,6 +182,7 @@ def review_page(table: pd.DataFrame, snapshots: Mapping[str, str], n: int) -> st
                     f"fold agreement {r.fold_agreement:.3f}</td><td><ul>{flags or '<li>no flag</li>'}</ul></td><td>{picture}</td></tr>")
     return ("<!doctype html><html><head><meta charset='utf-8'><title>spinecohort QC review</title></head><body>"
             f"<h1>The {min(n, len(table))} images most likely wrong, of {len(table)}</h1>"
+            + (f"<p><b>Warning</b>: {html.escape(notice)} ({layout.STACKS}).</p>" if notice else "") +
             "<p>Ranked by the QC score (results/summary/qc.parquet): 1 minus the folds' agreement on the vertebral "
             f"bodies, plus {FLAG_WEIGHT} per flag of {', '.join(SCORED_FLAGS)}.</p>"
             f"<table border='1' cellpadding='4'>{''.join(rows)}</table></body></html>\n")

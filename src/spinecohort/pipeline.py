@@ -34,6 +34,8 @@ from .label_levels import label_levels
 from .labeling import label_vertebrae
 from .labels import IVD_OFFSET, SACRUM, SEMANTIC_NAMES
 from .labels import VERTEBRA_NAMES as L_NAMES
+from .provenance import job_stack
+from .runtime import DEVICES_USED
 from .semantic import Fold, parse_fold
 from .summarize import summarize
 
@@ -137,6 +139,7 @@ def run_stage(
     if unfinished:
         _record(stage, unfinished[0], out, unfinished[1], unfinished[2].result)
     ledger = pd.DataFrame(records, columns=list(dict.fromkeys([*layout.LEDGER_COLUMNS, *(k for r in records for k in r)]))).fillna("")
+    io.write_json(out / layout.STACK, job_stack(DEVICES_USED))  # before the ledger, which marks the stage finished
     io.write_tsv(out / LEDGER, ledger)
     log.info("%s: %d ok, %d failed, %d skipped", stage, *(int((ledger.status == s).sum()) for s in ("ok", "failed", "skipped")))
     return ledger
@@ -443,6 +446,7 @@ STAGE_COMMANDS: dict[str, tuple[Callable[..., None], str, tuple[tuple[tuple[str,
         _option("--ledgers", type=Path, nargs="*", default=[], help=f"{layout.LEDGER} files of every stage"),
         _option("--structures", type=json.loads, required=True, help="JSON list: Table S1 row order"),
         _option("--dataset", type=Path, required=True, help="partitioned score dataset folder"), _PROVENANCE,
+        _option("--mixed-stacks", choices=("warn", "error"), default="warn", help=f"outputs from more than one software stack or device type ({layout.STACKS})"),
         _option("--out", type=Path, required=True, help="summary folder"))),
 }  # fmt: skip
 

@@ -17,7 +17,7 @@ import re
 import resource
 import time
 
-__all__ = ["keep_freed_memory", "JobClock", "COST_LINE", "network_busy_line", "NETWORK_BUSY_LINE", "tune_for"]
+__all__ = ["keep_freed_memory", "JobClock", "COST_LINE", "network_busy_line", "NETWORK_BUSY_LINE", "tune_for", "DEVICES_USED"]
 
 # mallopt(3) parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -76,6 +76,10 @@ def network_busy_line(fold: int | str, network_seconds: float, wall: float) -> s
 NETWORK_BUSY_LINE = re.compile(r"fold (\w+): network busy (\d+) % of the batch's ([\d.]+) s$", re.MULTILINE)
 
 
+# The device types this job's networks ran on (every network load calls `tune_for`): its stack record says which.
+DEVICES_USED: set[str] = set()
+
+
 def tune_for(device) -> None:
     """What makes the networks fast on a GPU and leaves CPU results alone: cuDNN picks its fastest convolution
     per tile shape (the tiles of a batch share one shape, so the search pays once per job) and TF32 tensor
@@ -83,6 +87,7 @@ def tune_for(device) -> None:
     sliding window on the device (`semantic.FoldPredictor`). No-op on CPU, where these flags mean nothing."""
     import torch
 
+    DEVICES_USED.add(device.type)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True

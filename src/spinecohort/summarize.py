@@ -26,12 +26,20 @@ NOTHING_TO_SCORE = "no image has a reference mask that could be scored: nothing 
 
 
 def summarize(*, manifest: Path, out: Path, structures: list[str], scores: list[Path], levels: list[Path], semantic: list[Path],
-              ledgers: list[Path], dataset: Path, review_images: int, provenance: Path) -> None:
+              ledgers: list[Path], dataset: Path, review_images: int, provenance: Path, mixed_stacks: str = "warn") -> None:
     from . import summary
     from .label_levels import SUBJECT_LEVEL_COLUMNS
     from .provenance import parquet_metadata, read_run
+    from .stacks import MixedStacksError, differences, mixed_message, read_stacks
 
+    stacks = read_stacks(ledgers)
+    mixed = mixed_message(lines) if (lines := differences(stacks)) else ""
+    if mixed and mixed_stacks == "error":  # before anything is written: no table of a mixed cohort looks finished
+        raise MixedStacksError(f"{mixed} (config mixed_stacks: error; rerun those batches with one stack, or set it to warn)")
+    if mixed:
+        log.warning("%s", mixed)
     out.mkdir(parents=True, exist_ok=True)
+    io.write_tsv(out / layout.STACKS, stacks)
     batches = dict(zip(*(cohort.read_manifest(manifest)[c] for c in ("image_id", "batch"))))
     run = read_run(provenance)
     metadata = parquet_metadata(run, assd_definition=str(run["parameters"]["metrics"]["assd"]))
@@ -50,7 +58,7 @@ def summarize(*, manifest: Path, out: Path, structures: list[str], scores: list[
     subjects = [pd.read_csv(folder / layout.SUBJECT_LEVELS, sep="\t", dtype=str, keep_default_na=False) for folder in levels]
     io.write_tsv(out / layout.SUBJECT_LEVELS, pd.concat(subjects, ignore_index=True) if subjects
                  else pd.DataFrame(columns=list(SUBJECT_LEVEL_COLUMNS)))
-    write_qc(out, stations, levels, semantic, review_images, metadata, batches)
+    write_qc(out, stations, levels, semantic, review_images, metadata, batches, notice=mixed)
     log.info("summarised %d score rows of %d images%s", len(rows), rows["image_id"].nunique(), f" ({NOTHING_TO_SCORE})" if rows.empty else "")
 
 
@@ -70,7 +78,7 @@ def finished_stations(levels: list[Path]) -> pd.DataFrame:
 
 
 def write_qc(out: Path, images: pd.DataFrame, levels: list[Path], semantic: list[Path], review_images: int,
-             metadata: dict[bytes, bytes], batches: Mapping[str, str]) -> None:
+             metadata: dict[bytes, bytes], batches: Mapping[str, str], notice: str = "") -> None:
     """qc.parquet, qc_flags.tsv and the review page (`cohort_qc`), from label-levels' (`images`: `finished_stations`) and
     average-folds' outputs (`batches`, image_id -> its batch in the manifest: an average-folds folder counts for the
     images its batch holds)."""
@@ -88,5 +96,5 @@ def write_qc(out: Path, images: pd.DataFrame, levels: list[Path], semantic: list
     snapshots = {r.image_id: os.path.relpath(Path(r.folder) / layout.derivative_name(r.image_id, *layout.SNAPSHOT), out)
                  for r in images.itertuples()}
     with io.atomic_path(out / layout.QC_REVIEW) as tmp:
-        tmp.write_text(review_page(table, snapshots, review_images))
+        tmp.write_text(review_page(table, snapshots, review_images, notice=notice))
 

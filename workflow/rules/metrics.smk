@@ -62,6 +62,7 @@ rule summarize:
             category="QC",
         ),
         qc_review=SUMMARY / layout.QC_REVIEW,
+        stacks=SUMMARY / layout.STACKS,
         plots=report(
             expand(SUMMARY / "boxplot_{metric}.png", metric=["dsc", "assd"]),
             caption="../report/boxplots.rst",
@@ -87,7 +88,9 @@ rule summarize:
         structures=shlex.quote(json.dumps(list(config["metrics"]["structures"]))),
         folder=SUMMARY,
         review=config["qc"]["review_images"],
+        mixed=config["mixed_stacks"],
     shell:
         "spinecohort summarize --manifest {input.manifest} --scores {input.scores} --levels {input.levels} --semantic {input.semantic}"
         " --ledgers {params.ledgers} --structures {params.structures} --review-images {params.review}"
-        " --dataset {output.dataset} --provenance {input.provenance} --out {params.folder} &> {log}"
+        " --dataset {output.dataset} --provenance {input.provenance} --mixed-stacks {params.mixed}"
+        " --out {params.folder} &> {log}"
