@@ -13,7 +13,7 @@ import pytest
 
 from spinecohort import io, layout
 from spinecohort.provenance import SOFTWARE, job_stack
-from spinecohort.stacks import differences, mixed_message, read_stacks
+from spinecohort.stacks import differences, mixed_message, read_stacks, stage_stack
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,9 +54,20 @@ def test_one_stack_has_no_differences_and_every_difference_names_its_batches(tmp
     assert len(lines) == 2 + len(SOFTWARE) and all(line.endswith(" / unrecorded (batch b0004)") for line in lines)
 
 
+def test_a_stage_keeps_the_stacks_of_the_folders_its_outputs_come_from(tmp_path: Path):
+    """The fold jobs' folders are deleted once averaged: average-folds' record names both folds' stacks."""
+    folds = [stage(tmp_path, "b0001", "bias-correct", device="cpu", torch="2.5.1").parent,
+             stage(tmp_path, "b0002", "bias-correct", device="cuda", torch="2.6.0").parent]  # fmt: skip
+    averaged, own = stage_stack(set(), folds), job_stack([])
+    assert averaged["device"] == "cpu,cuda"
+    assert averaged["software"]["torch"] == " + ".join(sorted({own["software"]["torch"], "2.5.1", "2.6.0"}))  # its own too
+    assert averaged["python"] == own["python"] and averaged["software"]["numpy"] == own["software"]["numpy"]
+    assert stage_stack({"cpu"}, [tmp_path / "gone"]) == job_stack(["cpu"])  # an upstream folder without a record
+
+
 @pytest.mark.slow
 def test_a_cohort_with_two_stacks_is_flagged_and_with_the_switch_refused(demo_local_run: Path, tmp_path: Path):
-    """The demo run, copied; one batch's fold job says it ran with another torch on CUDA. summarize (the only job that
+    """The demo run, copied; one batch's averaged folds say they ran with another torch on CUDA. summarize (the only job that
     runs again) warns in its log and on the review page and lists every folder's stack; with `mixed_stacks: error`
     it fails in one line naming the batches, and the summary it wrote before stays as it was."""
     results = tmp_path / "results"
@@ -64,8 +75,9 @@ def test_a_cohort_with_two_stacks_is_flagged_and_with_the_switch_refused(demo_lo
     summary = results / "summary"
     assert pd.read_csv(summary / layout.STACKS, sep="\t").torch.nunique() == 1  # the demo itself: one stack, no warning
     assert "Warning" not in (summary / layout.QC_REVIEW).read_text()
-    fold = next(results.glob("work/b0002/" + layout.folder("predict-fold").format(fold=0)))
+    fold = results / "work" / "b0002" / layout.folder("average-folds")  # it keeps the (deleted) fold folders' stacks
     stack = json.loads((fold / layout.STACK).read_text())
+    assert stack["device"] == "cpu"
     stack["software"]["torch"], stack["device"] = "2.0.0", "cuda"
     (fold / layout.STACK).write_text(json.dumps(stack))
 

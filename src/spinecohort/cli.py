@@ -118,7 +118,8 @@ def _phantom(args: argparse.Namespace) -> None:
 
 @_command("manifest")
 def _manifest(args: argparse.Namespace) -> None:
-    from . import cohort, io
+    from . import cohort
+    from .bids import write_manifest
 
     if args.bids is not None:
         rows = cohort.manifest_from_bids(args.bids, references=args.references)
@@ -127,9 +128,7 @@ def _manifest(args: argparse.Namespace) -> None:
         rows = cohort.resolve_paths(cohort.check_manifest(table, source=str(args.check), require_batch=False), args.check.parent)
     # Images that already have a batch (in --previous, or in the checked TSV) keep it.
     previous = cohort.read_manifest(args.previous) if args.previous else rows[rows["batch"] != ""] if "batch" in rows else None
-    rows = cohort.relative_paths(rows.drop(columns="batch", errors="ignore"), args.output.parent)
-    table = cohort.assign_batches(rows, batch_size=args.batch_size, previous=previous)
-    io.write_tsv(args.output, cohort.check_manifest(table, source=str(args.output)))
+    table = write_manifest(rows, args.output, batch_size=args.batch_size, previous=previous)
     log.info("wrote %d rows in %d batches to %s", len(table), table["batch"].nunique(), args.output)
 
 

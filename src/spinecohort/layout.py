@@ -26,6 +26,7 @@ QC_TABLE: Final = "qc.parquet"  # summarize: one row per image (`cohort_qc.qc_ta
 QC_FLAGS: Final = "qc_flags.tsv"  # summarize: the flagged images, worst first
 QC_REVIEW: Final = "qc_review.html"  # summarize: the worst images' snapshots and flags
 PROVENANCE: Final = "provenance.json"  # results/: versions, models and parameters of the run (`provenance`)
+BIDS_MANIFEST: Final = "cohort.tsv"  # results/: the manifest built from config `bids` at start-up (`bids`)
 STACK: Final = "stack.json"  # every stage folder, next to its ledger: the software and device its job ran with
 STACKS: Final = "stacks.tsv"  # summarize: every stage folder's stack, one row each (`stacks`)
 DATASET_DESCRIPTION: Final = "dataset_description.json"  # the derivatives tree's (BIDS)

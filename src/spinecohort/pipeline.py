@@ -34,9 +34,9 @@ from .label_levels import label_levels
 from .labeling import label_vertebrae
 from .labels import IVD_OFFSET, SACRUM, SEMANTIC_NAMES
 from .labels import VERTEBRA_NAMES as L_NAMES
-from .provenance import job_stack
 from .runtime import DEVICES_USED
 from .semantic import Fold, parse_fold
+from .stacks import stage_stack
 from .summarize import summarize
 
 if TYPE_CHECKING:
@@ -139,7 +139,7 @@ def run_stage(
     if unfinished:
         _record(stage, unfinished[0], out, unfinished[1], unfinished[2].result)
     ledger = pd.DataFrame(records, columns=list(dict.fromkeys([*layout.LEDGER_COLUMNS, *(k for r in records for k in r)]))).fillna("")
-    io.write_json(out / layout.STACK, job_stack(DEVICES_USED))  # before the ledger, which marks the stage finished
+    io.write_json(out / layout.STACK, stage_stack(DEVICES_USED, upstream))  # before the ledger, which marks the stage finished
     io.write_tsv(out / LEDGER, ledger)
     log.info("%s: %d ok, %d failed, %d skipped", stage, *(int((ledger.status == s).sum()) for s in ("ok", "failed", "skipped")))
     return ledger

@@ -1,6 +1,6 @@
 """One software stack and one device type per cohort: which batches ran with what, and where they differ.
 
-Every stage folder holds the stack its job ran with (`layout.STACK`, `provenance.job_stack`). Snakemake reruns a
+Every stage folder holds the stack its outputs come from (`layout.STACK`, `stage_stack`). Snakemake reruns a
 job when its inputs, parameters or code change, not when torch was upgraded or the job ran on another kind of
 device: a cohort reprocessed over months, or on a partition with GPUs and one without, can mix them silently.
 Model versions cannot mix this way: a model folder's files are inputs of every job that uses them.
@@ -20,6 +20,26 @@ from . import io, layout
 
 UNRECORDED: Final = "unrecorded"  # a stage folder written before stacks were recorded
 NO_DEVICE: Final = "none"  # a stage without a network: its device cannot differ
+
+
+def _joined(values: Sequence[str], separator: str) -> str:
+    return separator.join(sorted(set(values)))
+
+
+def stage_stack(devices: Sequence[str] | set[str], upstream: Sequence[Path]) -> dict[str, Any]:
+    """A stage folder's stack: its own job's (`provenance.job_stack`) with those of the `upstream` folders its
+    outputs come from, so that a stage's record survives its folder (the fold jobs' logits are deleted once
+    averaged; average-folds keeps their stacks) and says everything its outputs depend on. Where they differ, a
+    value lists each (`2.5.1 + 2.6.0`); devices are the union of the network device types."""
+    from .provenance import job_stack
+
+    stacks = [job_stack(devices), *(io.read_json(Path(f) / layout.STACK) for f in upstream if (Path(f) / layout.STACK).exists())]
+    used = [d for stack in stacks for d in stack["device"].split(",") if d != NO_DEVICE]
+    return {
+        "software": {name: _joined([s["software"].get(name, UNRECORDED) for s in stacks], " + ") for name in stacks[0]["software"]},
+        "python": _joined([s["python"] for s in stacks], " + "),
+        "device": _joined(used, ",") or NO_DEVICE,
+    }
 
 
 class MixedStacksError(ValueError):

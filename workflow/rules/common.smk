@@ -7,7 +7,15 @@ from pathlib import Path
 
 import yaml
 
-from spinecohort import cohort, labeling_net, layout, model_names, phantom, semantic
+from spinecohort import (
+    bids,
+    cohort,
+    labeling_net,
+    layout,
+    model_names,
+    phantom,
+    semantic,
+)
 
 RESULTS = Path(config["results"])
 WORK = RESULTS / "work"
@@ -31,11 +39,18 @@ def stage_dir(command):
     return WORK / "{batch}" / layout.folder(command)
 
 
+# The cohort: a BIDS folder (config `bids`), else the demo's phantoms, else the manifest.
+BIDS = config["bids"]
+DEMO = config["demo"]["enabled"] and not BIDS
 MANIFEST = (
-    str(RESULTS / "demo" / "cohort.tsv")
-    if config["demo"]["enabled"]
-    else config["manifest"]
+    str(RESULTS / layout.BIDS_MANIFEST)
+    if BIDS
+    else str(RESULTS / "demo" / "cohort.tsv") if DEMO else config["manifest"]
 )
+if BIDS and workflow.is_main_process:  # once per run, not again in every job
+    bids.cohort_manifest(
+        BIDS, Path(MANIFEST), batch_size=config["batch_size"], **config["bids_options"]
+    )
 MANIFEST_SCHEMA = str(
     Path(workflow.basedir) / "workflow" / "schemas" / "manifest.schema.yaml"
 )
@@ -89,7 +104,7 @@ def _manifest_table():
     (No checkpoint: Snakemake checks only the jobs known before a checkpoint for outputs a
     killed run left incomplete, so batch jobs after one would never be redone.)
     """
-    if config["demo"]["enabled"]:
+    if DEMO:
         return phantom.planned_manifest(
             subjects=config["demo"]["subjects"], batch_size=config["batch_size"]
         )
