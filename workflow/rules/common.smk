@@ -176,7 +176,10 @@ def get_group_members(wildcards):
 
 
 def get_final_output(wildcards):
+    """The summaries, and every batch's and group's folders: new batches of a finished cohort run even where
+    Snakemake has no record of summarize's inputs (a results folder moved or copied)."""
     return [
+        *get_ledger_folders(wildcards),
         SUMMARY / "table_s1.md",
         SUMMARY / "levels.md",
         SUMMARY / "by_region.parquet",
