@@ -3,6 +3,7 @@ cohort's batches differ, and with `mixed_stacks: error` stops before writing any
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
 import subprocess
@@ -97,7 +98,7 @@ def test_a_cohort_with_two_stacks_is_flagged_and_with_the_switch_refused(demo_lo
     expected = mixed_message([f"device cpu (batches {batches}) / cuda (batch b0002)", f"torch {torch_line}"])
     log = (results / "logs" / "summarize.log").read_text()
     assert f"WARNING {expected}\n" in log, log[-2000:]
-    assert f"<b>Warning</b>: {expected} ({layout.STACKS})" in (summary / layout.QC_REVIEW).read_text()
+    assert f"<b>Warning</b>: {html.escape(expected)} ({layout.STACKS})" in (summary / layout.QC_REVIEW).read_text()
     stacks = pd.read_csv(summary / layout.STACKS, sep="\t", dtype=str)
     assert stacks[stacks.torch == "2.0.0"][["batch", "stage", "device"]].values.tolist() == [["b0002", fold.name, "cuda"]]
 
