@@ -177,7 +177,8 @@ def get_group_members(wildcards):
 
 def get_final_output(wildcards):
     """The summaries, and every batch's and group's last folders: new batches of a finished cohort run even
-    where Snakemake has no record of summarize's inputs (a results folder moved or copied)."""
+    where Snakemake has no record of summarize's inputs (a results folder moved or copied).
+    """
     return [
         *expand(stage_dir("score"), batch=get_batches()),
         *expand(stage_dir("label-levels"), batch=get_groups()),
