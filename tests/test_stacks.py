@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 from spinecohort import io, layout
-from spinecohort.provenance import SOFTWARE, job_stack
-from spinecohort.stacks import differences, mixed_message, read_stacks, stage_stack
+from spinecohort.provenance import SOFTWARE
+from spinecohort.stacks import differences, job_stack, mixed_message, read_stacks, stage_stack
 
 ROOT = Path(__file__).resolve().parents[1]
 

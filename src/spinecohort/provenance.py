@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Final
@@ -44,13 +43,6 @@ def _model(folder: Path, **extra: Any) -> dict[str, Any]:
 def software_versions() -> dict[str, str]:
     """The installed versions of `SOFTWARE`."""
     return {name: __version__ if name == "spinecohort" else _installed(name) for name in SOFTWARE}
-
-
-def job_stack(devices: Iterable[str]) -> dict[str, Any]:
-    """What one job ran with (`layout.STACK` in its stage folder): the software that decides the masks, Python, and
-    the device types its networks used ("none": a stage without a network). A cohort's stage folders can differ
-    where its batches ran at different times or places; Snakemake does not rerun a job for that (`stacks`)."""
-    return {"software": software_versions(), "python": platform.python_version(), "device": ",".join(sorted(devices)) or "none"}
 
 
 def describe_run(*, semantic_model: Path, instance_model: Path, folds: Sequence[int | str], parameters: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,8 @@ differences (`differences`); config `mixed_stacks: error` stops it instead.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import platform
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -22,17 +23,23 @@ UNRECORDED: Final = "unrecorded"  # a stage folder written before stacks were re
 NO_DEVICE: Final = "none"  # a stage without a network: its device cannot differ
 
 
+def job_stack(devices: Iterable[str]) -> dict[str, Any]:
+    """What one job ran with: the software that decides the masks (`provenance.SOFTWARE`), Python, and the device
+    types its networks used (`NO_DEVICE`: a stage without a network)."""
+    from .provenance import software_versions
+
+    return {"software": software_versions(), "python": platform.python_version(), "device": ",".join(sorted(devices)) or NO_DEVICE}
+
+
 def _joined(values: Sequence[str], separator: str) -> str:
     return separator.join(sorted(set(values)))
 
 
 def stage_stack(devices: Sequence[str] | set[str], upstream: Sequence[Path]) -> dict[str, Any]:
-    """A stage folder's stack: its own job's (`provenance.job_stack`) with those of the `upstream` folders its
+    """A stage folder's stack: its own job's (`job_stack`) with those of the `upstream` folders its
     outputs come from, so that a stage's record survives its folder (the fold jobs' logits are deleted once
     averaged; average-folds keeps their stacks) and says everything its outputs depend on. Where they differ, a
     value lists each (`2.5.1 + 2.6.0`); devices are the union of the network device types."""
-    from .provenance import job_stack
-
     stacks = [job_stack(devices), *(io.read_json(Path(f) / layout.STACK) for f in upstream if (Path(f) / layout.STACK).exists())]
     used = [d for stack in stacks for d in stack["device"].split(",") if d != NO_DEVICE]
     return {
