@@ -163,11 +163,11 @@ def ranking_quality(score: pd.Series, dsc: pd.Series, failing: float = FAILING_D
     """
     from scipy import stats
 
+    from .review import auc
+
     score, dsc = score.align(dsc, join="inner")
-    bad = (dsc < failing).to_numpy()
-    worse = score.to_numpy()[bad][:, None] - score.to_numpy()[~bad][None, :]
-    auc = float(((worse > 0) + 0.5 * (worse == 0)).mean()) if bad.any() and (~bad).any() else float("nan")
-    return {"images": int(len(dsc)), "failing": int(bad.sum()), "auc": round(auc, 4),
+    bad = dsc < failing
+    return {"images": int(len(dsc)), "failing": int(bad.sum()), "auc": round(auc(score, bad), 4),
             "spearman": round(float(stats.spearmanr(score, dsc).statistic), 4)}
 
 
