@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -48,3 +49,48 @@ def test_ranking_check_on_a_constructed_cohort():
     assert deciles.rejected.tolist() == [2, 1, 0, 0, 0, 0, 0, 0, 0, 1]
     assert deciles.rejection_rate.tolist()[:3] == [1.0, 0.5, 0.0] and deciles.rejection_rate.isna().sum() == 6
     assert deciles.rejection_rate.iloc[-1] == 0.5
+
+
+@pytest.mark.slow
+def test_a_rejected_image_leaves_the_tables_and_only_summarize_reruns(demo_local_run: Path, tmp_path: Path):
+    """The demo run, copied; the reviewer rejects one lumbar image, accepts another and sends a third back for a fix.
+    Only summarize reruns; Table S1 and the by-region summary are those of the score rows without the rejected image
+    (lumbar n drops by one), the levels table counts it no more, and the listing, QC rows and check say why."""
+    import subprocess
+
+    from spinecohort import layout, summary
+
+    root = Path(__file__).resolve().parents[1]
+    results = tmp_path / "results"
+    shutil.copytree(demo_local_run, results, symlinks=True)
+    manifest = pd.read_csv(results / "demo" / "cohort.tsv", sep="\t", dtype=str, keep_default_na=False)
+    lumbar = manifest[manifest.region == "lumbar"].image_id.tolist()
+    rejected, accepted, fix = lumbar[0], lumbar[1], manifest[manifest.region == "cervical"].image_id.iloc[0]
+    decisions = write(tmp_path, f"image_id\tdecision\tnote\n{rejected}\treject\tL4 merged with L5\n{accepted}\taccept\t\n"
+                                f"{fix}\tfix\tmotion\n")  # fmt: skip
+    proc = subprocess.run(["snakemake", "--cores", "1", "--config", f"results={results}",
+                           f"qc={{review_images: 20, decisions: {decisions}}}"], cwd=root, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ran = {line.split()[1].rstrip(":") for line in proc.stderr.splitlines() if line.startswith(("rule ", "localrule "))}
+    assert ran == {"summarize", "all"}, ran
+
+    out, full = results / "summary", demo_local_run / "summary"
+    scores = pd.read_parquet(results / "scores")
+    assert rejected in set(scores.image_id)  # the score dataset keeps every image
+    expected = summary.by_region(scores[scores.image_id != rejected])
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "by_region.parquet"), expected, check_dtype=False)
+    assert not pd.read_parquet(out / "by_region.parquet").equals(pd.read_parquet(full / "by_region.parquet"))
+    n = len(lumbar)
+    assert f"lumbar: n={n - 1}" in (out / "table_s1.md").read_text() and f"lumbar: n={n}" in (full / "table_s1.md").read_text()
+    levels, demo_levels = (pd.read_csv(f / "levels.csv", dtype=str).set_index("Station") for f in (out, full))
+    assert int(levels.loc["Lumbar", "Images"]) == int(demo_levels.loc["Lumbar", "Images"]) - 1
+    assert levels.loc["Cervical", "Images"] == demo_levels.loc["Cervical", "Images"]  # "fix" is not a rejection
+
+    listed = pd.read_csv(out / layout.REVIEWED_OUT, sep="\t", dtype=str, keep_default_na=False)
+    batch = dict(zip(manifest.image_id, manifest.batch))
+    assert listed.values.tolist() == [[rejected, batch[rejected], "reject", "L4 merged with L5"], [fix, batch[fix], "fix", "motion"]]
+    qc = pd.read_parquet(out / layout.QC_TABLE).set_index("image_id")
+    assert qc.loc[[rejected, accepted, fix], "review"].tolist() == ["reject", "accept", "fix"]
+    assert qc.loc[rejected, "review_note"] == "L4 merged with L5" and (qc.review != "").sum() == 3
+    check = pd.read_csv(out / layout.REVIEW_CHECK, sep="\t")
+    assert check.images.sum() == len(manifest) and check.reviewed.sum() == 2 and check.rejected.sum() == 1

@@ -11,6 +11,7 @@ the score, so a user sees whether the top of the list is where the failures are 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
@@ -24,6 +25,10 @@ DECILES: Final = 10
 
 class DecisionsError(ValueError):
     """A decisions file the workflow cannot read; the message names the rows."""
+
+
+def no_decisions() -> pd.DataFrame:
+    return pd.DataFrame(columns=list(COLUMNS), dtype=str)
 
 
 def read_decisions(path: str | Path) -> pd.DataFrame:
@@ -65,3 +70,16 @@ def ranking_check(score: pd.Series, decisions: pd.DataFrame) -> tuple[float, pd.
     deciles = table.groupby("decile").agg(images=("reviewed", "size"), reviewed=("reviewed", "sum"), rejected=("rejected", "sum"))
     deciles["rejection_rate"] = deciles.rejected / deciles.reviewed.where(deciles.reviewed > 0)
     return area, deciles.reset_index()
+
+
+def on_qc_rows(qc: pd.DataFrame, decisions: pd.DataFrame) -> pd.DataFrame:
+    """The QC table with each image's `review` (its decision, or empty) and `review_note`."""
+    by_image = decisions.set_index("image_id")
+    return qc.assign(review=by_image.decision.reindex(qc.image_id).fillna("").to_numpy(),
+                     review_note=by_image.note.reindex(qc.image_id).fillna("").to_numpy())  # fmt: skip
+
+
+def reviewed_out(decisions: pd.DataFrame, batches: Mapping[str, str]) -> pd.DataFrame:
+    """The images the review takes out of the tables (rejected) or sends back (fix), with their batch and note."""
+    out = decisions[decisions.decision != "accept"]
+    return out.assign(batch=[batches.get(i, "") for i in out.image_id])[["image_id", "batch", "decision", "note"]]
