@@ -1,5 +1,6 @@
 """Score rows, by-region summaries, Table S1 and the failures table; the demo run end to end."""
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -243,9 +244,11 @@ def test_the_demo_qc_flags_exactly_the_misnamed_discs_and_the_review_page_links_
     # The folds agree on the demo's vertebral bodies (one of them predicts no spinal cord at all, which the score ignores).
     assert not table["flags"].str.contains("folds_disagree").any() and (table.fold_agreement > 0.85).all()
     review = (demo_local_run / "summary" / layout.QC_REVIEW).read_text()
-    for image_id in table.image_id[:3]:
-        link = re.search(f'src="([^"]*{image_id}_mod-T2w_seg-spine_snp.png)"', review)
-        assert link and (demo_local_run / "summary" / link.group(1)).read_bytes()[:4] == b"\x89PNG"
+    rows = json.loads(re.search(r'<script id="rows" type="application/json">(.*?)</script>', review, re.S).group(1))
+    assert [r["id"] for r in rows] == table.image_id.tolist()  # every image, worst first
+    for row in rows[:3]:
+        assert row["snapshot"].endswith(f"{row['id']}_mod-T2w_seg-spine_snp.png")
+        assert (demo_local_run / "summary" / row["snapshot"]).read_bytes()[:4] == b"\x89PNG"
     flags = pd.read_csv(demo_local_run / "summary" / layout.QC_FLAGS, sep="\t")
     assert list(flags.image_id) == list(table.image_id[table["flags"] != ""])
 

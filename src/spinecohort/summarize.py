@@ -108,7 +108,7 @@ def write_qc(out: Path, images: pd.DataFrame, levels: list[Path], semantic: list
     snapshots = {r.image_id: os.path.relpath(Path(r.folder) / layout.derivative_name(r.image_id, *layout.SNAPSHOT), out)
                  for r in images.itertuples()}
     with io.atomic_path(out / layout.QC_REVIEW) as tmp:
-        tmp.write_text(review_page(table, snapshots, review_images, notice=notice))
+        tmp.write_text(review_page(table, snapshots, review_images, notice=notice, decisions=review, key=str(out.resolve())))
 
 
 
