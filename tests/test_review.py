@@ -52,45 +52,58 @@ def test_ranking_check_on_a_constructed_cohort():
 
 
 @pytest.mark.slow
-def test_a_rejected_image_leaves_the_tables_and_only_summarize_reruns(demo_local_run: Path, tmp_path: Path):
-    """The demo run, copied; the reviewer rejects one lumbar image, accepts another and sends a third back for a fix.
-    Only summarize reruns; Table S1 and the by-region summary are those of the score rows without the rejected image
-    (lumbar n drops by one), the levels table counts it no more, and the listing, QC rows and check say why."""
+def test_a_reviewer_rejects_in_the_browser_and_the_image_leaves_the_tables(demo_local_run: Path, tmp_path: Path):
+    """The demo run, copied. In a headless Chromium the reviewer opens the review page, rejects the worst image (r),
+    accepts the next (a), sends the third back for a fix (f) and exports (e). With that file as `qc.decisions` only
+    summarize reruns; Table S1 and the by-region summary are those of the score rows without the rejected image
+    (its station's n drops by one), the levels table counts it no more, and the listing, QC rows and check say why."""
     import subprocess
+
+    from browser import chromium
+    from selenium.webdriver.common.by import By
 
     from spinecohort import layout, summary
 
     root = Path(__file__).resolve().parents[1]
     results = tmp_path / "results"
     shutil.copytree(demo_local_run, results, symlinks=True)
-    manifest = pd.read_csv(results / "demo" / "cohort.tsv", sep="\t", dtype=str, keep_default_na=False)
-    lumbar = manifest[manifest.region == "lumbar"].image_id.tolist()
-    rejected, accepted, fix = lumbar[0], lumbar[1], manifest[manifest.region == "cervical"].image_id.iloc[0]
-    decisions = write(tmp_path, f"image_id\tdecision\tnote\n{rejected}\treject\tL4 merged with L5\n{accepted}\taccept\t\n"
-                                f"{fix}\tfix\tmotion\n")  # fmt: skip
+    out, full = results / "summary", demo_local_run / "summary"
+    with chromium() as browser:
+        browser.get((out / layout.QC_REVIEW).as_uri())
+        body = browser.find_element(By.TAG_NAME, "body")
+        shown = [row.get_attribute("data-image-id") for row in browser.find_elements(By.CSS_SELECTOR, "#images tr")]
+        for key in "rafe":
+            body.send_keys(key)
+        progress = browser.find_element(By.ID, "progress").text
+        exported = browser.find_element(By.ID, "export").get_attribute("value")
+    rejected, accepted, fix = shown[:3]
+    assert progress == "reviewed 3 / 12, rejected 1, needs fix 1"
+    assert exported == f"image_id\tdecision\tnote\n{rejected}\treject\t\n{accepted}\taccept\t\n{fix}\tfix\t\n"
+    decisions = write(tmp_path, exported)
+
     proc = subprocess.run(["snakemake", "--cores", "1", "--config", f"results={results}",
                            f"qc={{review_images: 20, decisions: {decisions}}}"], cwd=root, capture_output=True, text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     ran = {line.split()[1].rstrip(":") for line in proc.stderr.splitlines() if line.startswith(("rule ", "localrule "))}
     assert ran == {"summarize", "all"}, ran
 
-    out, full = results / "summary", demo_local_run / "summary"
+    manifest = pd.read_csv(results / "demo" / "cohort.tsv", sep="\t", dtype=str, keep_default_na=False)
+    region = manifest.set_index("image_id").region[rejected]
     scores = pd.read_parquet(results / "scores")
     assert rejected in set(scores.image_id)  # the score dataset keeps every image
-    expected = summary.by_region(scores[scores.image_id != rejected])
-    pd.testing.assert_frame_equal(pd.read_parquet(out / "by_region.parquet"), expected, check_dtype=False)
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "by_region.parquet"), summary.by_region(scores[scores.image_id != rejected]),
+                                  check_dtype=False)  # fmt: skip
     assert not pd.read_parquet(out / "by_region.parquet").equals(pd.read_parquet(full / "by_region.parquet"))
-    n = len(lumbar)
-    assert f"lumbar: n={n - 1}" in (out / "table_s1.md").read_text() and f"lumbar: n={n}" in (full / "table_s1.md").read_text()
-    levels, demo_levels = (pd.read_csv(f / "levels.csv", dtype=str).set_index("Station") for f in (out, full))
-    assert int(levels.loc["Lumbar", "Images"]) == int(demo_levels.loc["Lumbar", "Images"]) - 1
-    assert levels.loc["Cervical", "Images"] == demo_levels.loc["Cervical", "Images"]  # "fix" is not a rejection
+    n = int((manifest.region == region).sum())
+    assert f"{region}: n={n - 1}" in (out / "table_s1.md").read_text() and f"{region}: n={n}" in (full / "table_s1.md").read_text()
+    levels, demo_levels = (pd.read_csv(f / "levels.csv", dtype=str).set_index("Station").Images.astype(int) for f in (out, full))
+    assert (demo_levels - levels).to_dict() == {s: int(s.lower() == region) for s in demo_levels.index}  # "fix" is no rejection
 
     listed = pd.read_csv(out / layout.REVIEWED_OUT, sep="\t", dtype=str, keep_default_na=False)
     batch = dict(zip(manifest.image_id, manifest.batch))
-    assert listed.values.tolist() == [[rejected, batch[rejected], "reject", "L4 merged with L5"], [fix, batch[fix], "fix", "motion"]]
+    assert listed.values.tolist() == [[rejected, batch[rejected], "reject", ""], [fix, batch[fix], "fix", ""]]
     qc = pd.read_parquet(out / layout.QC_TABLE).set_index("image_id")
-    assert qc.loc[[rejected, accepted, fix], "review"].tolist() == ["reject", "accept", "fix"]
-    assert qc.loc[rejected, "review_note"] == "L4 merged with L5" and (qc.review != "").sum() == 3
+    assert qc.loc[[rejected, accepted, fix], "review"].tolist() == ["reject", "accept", "fix"] and (qc.review != "").sum() == 3
     check = pd.read_csv(out / layout.REVIEW_CHECK, sep="\t")
     assert check.images.sum() == len(manifest) and check.reviewed.sum() == 2 and check.rejected.sum() == 1
+    assert check.rejected.iloc[0] == 1  # the worst image was the rejected one: the first decile
