@@ -1,6 +1,5 @@
 """Score rows, by-region summaries, Table S1 and the failures table; the demo run end to end."""
 
-import json
 import re
 import subprocess
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import yaml
 
 from spinecohort import cohort, io, layout, summary
+from spinecohort.cohort_qc import page_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
@@ -244,7 +244,7 @@ def test_the_demo_qc_flags_exactly_the_misnamed_discs_and_the_review_page_links_
     # The folds agree on the demo's vertebral bodies (one of them predicts no spinal cord at all, which the score ignores).
     assert not table["flags"].str.contains("folds_disagree").any() and (table.fold_agreement > 0.85).all()
     review = (demo_local_run / "summary" / layout.QC_REVIEW).read_text()
-    rows = json.loads(re.search(r'<script id="rows" type="application/json">(.*?)</script>', review, re.S).group(1))
+    rows = page_rows(review)
     assert [r["id"] for r in rows] == table.image_id.tolist()  # every image, worst first
     for row in rows[:3]:
         assert row["snapshot"].endswith(f"{row['id']}_mod-T2w_seg-spine_snp.png")

@@ -195,3 +195,13 @@ def review_page(table: pd.DataFrame, snapshots: Mapping[str, str], n: int, notic
             "__FLAGS__": as_json(FLAGS)}  # fmt: skip
     template = files("spinecohort").joinpath("review_page.html").read_text()
     return re.sub(r"__[A-Z_]+__", lambda m: fill.get(m.group(0), m.group(0)), template)  # one pass: data is not rescanned
+
+
+def page_rows(page: str) -> list[dict[str, object]]:
+    """The image rows a review page holds (`review_page`'s `rows` element), worst first."""
+    import json
+
+    found = re.search(r'<script id="rows" type="application/json">(.*?)</script>', page, re.S)
+    if found is None:
+        raise ValueError("not a spinecohort review page: no rows element")
+    return json.loads(found.group(1))
