@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -49,6 +50,26 @@ def test_ranking_check_on_a_constructed_cohort():
     assert deciles.rejected.tolist() == [2, 1, 0, 0, 0, 0, 0, 0, 0, 1]
     assert deciles.rejection_rate.tolist()[:3] == [1.0, 0.5, 0.0] and deciles.rejection_rate.isna().sum() == 6
     assert deciles.rejection_rate.iloc[-1] == 0.5
+
+
+def test_reviewed_out_sidecars_say_so_until_the_decision_is_gone(tmp_path: Path):
+    from spinecohort import io, layout
+    from spinecohort.review import SIDECAR_KEY, mark_sidecars
+
+    manifest = pd.DataFrame({"image_id": ["a", "b", "c"], "subject": ["1", "1", "2"], "session": ["", "", "x"]})
+    derivatives, state = tmp_path / "derivatives", tmp_path / "marked.txt"
+    paths = {(i, seg): layout.derivative(derivatives, r.subject, r.session, i, seg, "msk.json")
+             for i, r in manifest.set_index("image_id").iterrows() for seg in ("spine", "vert")}  # fmt: skip
+    for (image_id, seg), path in paths.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        io.write_json(path, {"Sources": [image_id], "seg": seg})
+    decisions = pd.DataFrame({"image_id": ["a", "b", "c"], "decision": ["reject", "accept", "fix"], "note": ["merged", "", "motion"]})
+    mark_sidecars(derivatives, manifest, decisions, state)
+    assert io.read_json(paths["a", "vert"]) == {"Sources": ["a"], "seg": "vert", SIDECAR_KEY: {"decision": "reject", "note": "merged"}}
+    assert io.read_json(paths["c", "spine"])[SIDECAR_KEY] == {"decision": "fix", "note": "motion"}
+    assert SIDECAR_KEY not in io.read_json(paths["b", "spine"]) and state.read_text() == "a\nc\n"
+    mark_sidecars(derivatives, manifest, decisions[decisions.image_id == "c"], state)  # a's decision withdrawn
+    assert io.read_json(paths["a", "vert"]) == {"Sources": ["a"], "seg": "vert"} and state.read_text() == "c\n"
 
 
 @pytest.mark.slow
@@ -107,3 +128,6 @@ def test_a_reviewer_rejects_in_the_browser_and_the_image_leaves_the_tables(demo_
     check = pd.read_csv(out / layout.REVIEW_CHECK, sep="\t")
     assert check.images.sum() == len(manifest) and check.reviewed.sum() == 2 and check.rejected.sum() == 1
     assert check.rejected.iloc[0] == 1  # the worst image was the rejected one: the first decile
+    row = manifest.set_index("image_id").loc[rejected]
+    sidecar = layout.derivative(results / "derivatives" / "spinecohort", row.subject, row.session, rejected, "vert", "msk.json")
+    assert json.loads(sidecar.read_text())["QCReview"] == {"decision": "reject", "note": ""}

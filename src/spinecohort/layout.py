@@ -27,6 +27,7 @@ QC_FLAGS: Final = "qc_flags.tsv"  # summarize: the flagged images, worst first
 QC_REVIEW: Final = "qc_review.html"  # summarize: the worst images' snapshots and flags
 REVIEWED_OUT: Final = "reviewed_out.tsv"  # summarize: images the review rejected or sent back for a fix (`review`)
 REVIEW_CHECK: Final = "review_check.tsv"  # summarize: the QC score's rejection rate per decile (`review`)
+REVIEW_MARKED: Final = "review_marked.txt"  # results/: images whose published sidecars carry a review (`review`)
 PROVENANCE: Final = "provenance.json"  # results/: versions, models and parameters of the run (`provenance`)
 BIDS_MANIFEST: Final = "cohort.tsv"  # results/: the manifest built from config `bids` at start-up (`bids`)
 STACK: Final = "stack.json"  # every stage folder, next to its ledger: the software and device its job ran with

@@ -18,9 +18,12 @@ from typing import Final
 import numpy as np
 import pandas as pd
 
+from . import io, layout
+
 DECISIONS: Final = ("accept", "reject", "fix")
 COLUMNS: Final = ("image_id", "decision", "note")
 DECILES: Final = 10
+SIDECAR_KEY: Final = "QCReview"  # in a published mask sidecar: the review's decision and note
 
 
 class DecisionsError(ValueError):
@@ -83,3 +86,27 @@ def reviewed_out(decisions: pd.DataFrame, batches: Mapping[str, str]) -> pd.Data
     """The images the review takes out of the tables (rejected) or sends back (fix), with their batch and note."""
     out = decisions[decisions.decision != "accept"]
     return out.assign(batch=[batches.get(i, "") for i in out.image_id])[["image_id", "batch", "decision", "note"]]
+
+
+def mark_sidecars(derivatives: Path, manifest: pd.DataFrame, decisions: pd.DataFrame, state: Path) -> None:
+    """The published mask sidecars of rejected and "needs fix" images carry the decision and note (`SIDECAR_KEY`);
+    images an earlier run marked whose decision is gone, or is now accept, lose it. `state` lists the marked images:
+    it outlives summarize's outputs, which Snakemake removes before each run. A marked sidecar becomes a file of its
+    own; the stage's copy in the work folder stays as the stage wrote it."""
+    wanted = {r.image_id: {"decision": r.decision, "note": r.note} for r in decisions.itertuples() if r.decision != "accept"}
+    before = set(state.read_text().split()) if state.exists() else set()
+    rows = manifest.drop_duplicates("image_id").set_index("image_id")
+    for image_id in sorted((before | set(wanted)) & set(rows.index)):
+        row = rows.loc[image_id]
+        for seg in ("spine", "vert"):
+            path = layout.derivative(derivatives, row.subject, row.session, image_id, seg, "msk.json")
+            if not path.exists():
+                continue
+            sidecar = io.read_json(path)
+            had = sidecar.pop(SIDECAR_KEY, None)
+            if image_id in wanted:
+                sidecar[SIDECAR_KEY] = wanted[image_id]
+            if had != sidecar.get(SIDECAR_KEY):
+                io.write_json(path, sidecar)
+    with io.atomic_path(state) as tmp:
+        tmp.write_text("".join(f"{i}\n" for i in sorted(wanted)))

@@ -27,11 +27,11 @@ NOTHING_TO_SCORE = "no image has a reference mask that could be scored: nothing 
 
 def summarize(*, manifest: Path, out: Path, structures: list[str], scores: list[Path], levels: list[Path], semantic: list[Path],
               ledgers: list[Path], dataset: Path, review_images: int, provenance: Path, mixed_stacks: str = "warn",
-              decisions: Path | None = None) -> None:
+              decisions: Path | None = None, derivatives: Path | None = None) -> None:
     from . import summary
     from .label_levels import SUBJECT_LEVEL_COLUMNS
     from .provenance import parquet_metadata, read_run
-    from .review import no_decisions, read_decisions, reviewed_out
+    from .review import mark_sidecars, no_decisions, read_decisions, reviewed_out
     from .stacks import MixedStacksError, differences, mixed_message, read_stacks
 
     review = read_decisions(decisions) if decisions else no_decisions()
@@ -45,7 +45,8 @@ def summarize(*, manifest: Path, out: Path, structures: list[str], scores: list[
         log.warning("%s", mixed)
     out.mkdir(parents=True, exist_ok=True)
     io.write_tsv(out / layout.STACKS, stacks)
-    batches = dict(zip(*(cohort.read_manifest(manifest)[c] for c in ("image_id", "batch"))))
+    images = cohort.read_manifest(manifest)
+    batches = dict(zip(images.image_id, images.batch))
     run = read_run(provenance)
     metadata = parquet_metadata(run, assd_definition=str(run["parameters"]["metrics"]["assd"]))
     table = summary.read_scores([folder / layout.BATCH_SCORES for folder in scores])
@@ -63,6 +64,8 @@ def summarize(*, manifest: Path, out: Path, structures: list[str], scores: list[
     summary.box_plots(rows, out, structures)
     io.write_tsv(out / "failures.tsv", summary.failures(ledgers, batches))
     io.write_tsv(out / layout.REVIEWED_OUT, reviewed_out(review, batches))
+    if derivatives is not None:
+        mark_sidecars(derivatives, images, review, out.parent / layout.REVIEW_MARKED)
     subjects = [pd.read_csv(folder / layout.SUBJECT_LEVELS, sep="\t", dtype=str, keep_default_na=False) for folder in levels]
     io.write_tsv(out / layout.SUBJECT_LEVELS, pd.concat(subjects, ignore_index=True) if subjects
                  else pd.DataFrame(columns=list(SUBJECT_LEVEL_COLUMNS)))

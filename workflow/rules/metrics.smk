@@ -91,6 +91,7 @@ rule summarize:
         folder=SUMMARY,
         review=config["qc"]["review_images"],
         mixed=config["mixed_stacks"],
+        derivatives=DERIVATIVES,
         decisions=lambda wildcards, input: (
             f"--decisions {input.decisions}" if input.decisions else ""
         ),
@@ -98,4 +99,5 @@ rule summarize:
         "spinecohort summarize --manifest {input.manifest} --scores {input.scores} --levels {input.levels} --semantic {input.semantic}"
         " --ledgers {params.ledgers} --structures {params.structures} --review-images {params.review}"
         " --dataset {output.dataset} --provenance {input.provenance} --mixed-stacks {params.mixed} {params.decisions}"
+        " --derivatives {params.derivatives}"
         " --out {params.folder} &> {log}"
