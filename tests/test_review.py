@@ -128,6 +128,8 @@ def test_a_reviewer_rejects_in_the_browser_and_the_image_leaves_the_tables(demo_
     check = pd.read_csv(out / layout.REVIEW_CHECK, sep="\t")
     assert check.images.sum() == len(manifest) and check.reviewed.sum() == 2 and check.rejected.sum() == 1
     assert check.rejected.iloc[0] == 1  # the worst image was the rejected one: the first decile
+    page = (out / layout.QC_REVIEW).read_text()
+    assert "QC score against 2 reviewed images (1 rejected): AUC 1.000" in page  # the rejected one ranked above the accepted
     row = manifest.set_index("image_id").loc[rejected]
     sidecar = layout.derivative(results / "derivatives" / "spinecohort", row.subject, row.session, rejected, "vert", "msk.json")
     assert json.loads(sidecar.read_text())["QCReview"] == {"decision": "reject", "note": ""}

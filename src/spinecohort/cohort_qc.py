@@ -173,11 +173,12 @@ def ranking_quality(score: pd.Series, dsc: pd.Series, failing: float = FAILING_D
 
 
 def review_page(table: pd.DataFrame, snapshots: Mapping[str, str], n: int, notice: str = "",
-                decisions: pd.DataFrame | None = None, key: str = "") -> str:
+                decisions: pd.DataFrame | None = None, key: str = "", check: str = "") -> str:
     """The review page (`review_page.html`): every image of the QC `table` worst first, `n` per page, each with its
     score, fold agreement, flags explained and snapshot (relative link), and decision buttons and keys; decisions
     already made (`decisions`) are shown, new ones kept in the browser under `key` and exported as a TSV
-    (`review.read_decisions` reads it). A `notice` (e.g. that the cohort mixes software stacks) heads it."""
+    (`review.read_decisions` reads it). A `notice` (e.g. that the cohort mixes software stacks) heads it, then the
+    `check` of the score against the decisions (HTML)."""
     import json
     from importlib.resources import files
 
@@ -191,7 +192,7 @@ def review_page(table: pd.DataFrame, snapshots: Mapping[str, str], n: int, notic
     decided = {} if decisions is None else {r.image_id: {"decision": r.decision, "note": r.note} for r in decisions.itertuples()}
     fill = {"__TOTAL__": str(len(table)), "__FLAG_WEIGHT__": str(FLAG_WEIGHT), "__SCORED_FLAGS__": ", ".join(SCORED_FLAGS),
             "__NOTICE__": f"<p class='warning'><b>Warning</b>: {html.escape(notice)} ({layout.STACKS}).</p>" if notice else "",
-            "__PAGE_SIZE__": str(int(n)), "__KEY__": as_json(key), "__ROWS__": as_json(rows), "__DECIDED__": as_json(decided),
+            "__CHECK__": check, "__PAGE_SIZE__": str(int(n)), "__KEY__": as_json(key), "__ROWS__": as_json(rows), "__DECIDED__": as_json(decided),
             "__FLAGS__": as_json(FLAGS)}  # fmt: skip
     template = files("spinecohort").joinpath("review_page.html").read_text()
     return re.sub(r"__[A-Z_]+__", lambda m: fill.get(m.group(0), m.group(0)), template)  # one pass: data is not rescanned

@@ -103,23 +103,29 @@ def write_qc(out: Path, images: pd.DataFrame, levels: list[Path], semantic: list
     table = qc_table(images[STATION_COLUMNS],
                      pd.concat(agreement, ignore_index=True) if agreement else pd.DataFrame(columns=["image_id", "structure", "dsc"]),
                      pd.concat(volumes, ignore_index=True) if volumes else pd.DataFrame(columns=["image_id", "region", "level", "mm3"]))
+    check = ""
     if review is not None and len(review):
         table = on_qc_rows(table, review)
-        write_review_check(out, table, review)
+        check = write_review_check(out, table, review)
     summary.write_parquet(out / layout.QC_TABLE, table, metadata)
     io.write_tsv(out / layout.QC_FLAGS, table[table["flags"] != ""][["image_id", "region", "score", "flags"]])
     snapshots = {r.image_id: os.path.relpath(Path(r.folder) / layout.derivative_name(r.image_id, *layout.SNAPSHOT), out)
                  for r in images.itertuples()}
     with io.atomic_path(out / layout.QC_REVIEW) as tmp:
-        tmp.write_text(review_page(table, snapshots, review_images, notice=notice, decisions=review, key=str(out.resolve())))
+        tmp.write_text(review_page(table, snapshots, review_images, notice=notice, decisions=review, key=str(out.resolve()),
+                                   check=check))
 
 
+def write_review_check(out: Path, qc: pd.DataFrame, review: pd.DataFrame) -> str:
+    """The QC score against the reviewer's decisions (`review.ranking_check`): `layout.REVIEW_CHECK` per decile; the
+    AUC in the log. Returns both as a paragraph of HTML for the review page."""
+    import html
 
-def write_review_check(out: Path, qc: pd.DataFrame, review: pd.DataFrame) -> None:
-    """The QC score against the reviewer's decisions (`review.ranking_check`): `layout.REVIEW_CHECK` per decile, the
-    AUC in the log."""
     from .review import ranking_check
 
     area, deciles = ranking_check(qc.set_index("image_id").score, review)
     io.write_tsv(out / layout.REVIEW_CHECK, deciles)
-    log.info("QC score against %d reviewed images (%d rejected): AUC %.3f", int(deciles.reviewed.sum()), int(deciles.rejected.sum()), area)
+    line = f"QC score against {int(deciles.reviewed.sum())} reviewed images ({int(deciles.rejected.sum())} rejected): AUC {area:.3f}"
+    log.info("%s", line)
+    rates = ", ".join(f"{int(r.decile)}: {r.rejection_rate:.0%} of {int(r.reviewed)}" for r in deciles.itertuples() if r.reviewed)
+    return f"<p>{html.escape(line)}; rejected per decile of the score (1: the worst tenth): {html.escape(rates)} ({layout.REVIEW_CHECK}).</p>"
