@@ -102,8 +102,10 @@ def test_a_reviewer_rejects_in_the_browser_and_the_image_leaves_the_tables(demo_
     assert exported == f"image_id\tdecision\tnote\n{rejected}\treject\t\n{accepted}\taccept\t\n{fix}\tfix\t\n"
     decisions = write(tmp_path, exported)
 
-    proc = subprocess.run(["snakemake", "--cores", "1", "--config", f"results={results}",
-                           f"qc={{review_images: 20, decisions: {decisions}}}"], cwd=root, capture_output=True, text=True, timeout=900)  # fmt: skip
+    overlay = tmp_path / "review.yaml"  # as a user sets it in their config file
+    overlay.write_text(f"qc: {{review_images: 20, decisions: {decisions}}}\n")
+    proc = subprocess.run(["snakemake", "--cores", "1", "--configfile", "config/config.yaml", overlay, "--config", f"results={results}"],
+                          cwd=root, capture_output=True, text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     ran = {line.split()[1].rstrip(":") for line in proc.stderr.splitlines() if line.startswith(("rule ", "localrule "))}
     assert ran == {"summarize", "all"}, ran
