@@ -17,6 +17,7 @@ records where the weights lie.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Mapping
@@ -70,6 +71,12 @@ def local_models(root: Path) -> dict[Kind, dict[str, Path]]:
     return found
 
 
+@functools.cache
+def _local_models_once(root: Path) -> dict[Kind, dict[str, Path]]:
+    """`local_models`, once per process: the three models of a run are resolved in the same folder."""
+    return local_models(root)
+
+
 def _holdings(found: Mapping[Kind, Mapping[str, Path]]) -> str:
     return "; ".join(f"{kind}: {', '.join(sorted(names)) or 'none'}" for kind, names in found.items())
 
@@ -85,7 +92,7 @@ def resolve(value: str, kind: Kind, environ: Mapping[str, str] = os.environ) -> 
     root = Path(environ[MODELS_VARIABLE])
     if not root.is_dir():
         raise ModelNameError(f"${MODELS_VARIABLE}={root} is not a folder (looking for the {kind} model {value!r})")
-    found = local_models(root)
+    found = _local_models_once(root)
     release = RELEASES[kind].get(name)
     if name in found[kind]:
         return str(found[kind][name].resolve())
