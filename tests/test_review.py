@@ -135,3 +135,27 @@ def test_a_reviewer_rejects_in_the_browser_and_the_image_leaves_the_tables(demo_
     row = manifest.set_index("image_id").loc[rejected]
     sidecar = layout.derivative(results / "derivatives" / "spinecohort", row.subject, row.session, rejected, "vert", "msk.json")
     assert json.loads(sidecar.read_text())["QCReview"] == {"decision": "reject", "note": ""}
+
+
+def test_the_reviewed_out_listing_feeds_retry_and_only_a_fixed_image_moves(tmp_path: Path):
+    """The fix path: reviewed_out.tsv is retry's --failures table; of a rejected and a "needs fix" image, the one whose
+    file the user replaced after the listing was written moves to a new batch."""
+    import os
+
+    from spinecohort import cohort
+    from spinecohort.review import reviewed_out
+
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.nii.gz").write_bytes(b"")
+    manifest = pd.DataFrame({"image_id": ["a", "b", "c"], "image": [f"{n}.nii.gz" for n in "abc"], "region": ["lumbar"] * 3,
+                             "subject": ["1", "2", "3"], "session": [""] * 3, "batch": ["b0001"] * 3, "earlier_batches": [""] * 3,
+                             "reference_semantic": [""] * 3, "reference_instance": [""] * 3})  # fmt: skip
+    decisions = pd.DataFrame({"image_id": ["a", "b", "c"], "decision": ["reject", "fix", "accept"], "note": ["", "motion", ""]})
+    listing = tmp_path / "reviewed_out.tsv"
+    reviewed_out(decisions, dict(zip(manifest.image_id, manifest.batch))).to_csv(listing, sep="\t", index=False)
+    written = listing.stat().st_mtime
+    os.utime(tmp_path / "b.nii.gz", (written + 10, written + 10))  # the user replaced b's image
+    failed = pd.read_csv(listing, sep="\t", dtype=str, keep_default_na=False)
+    chosen = cohort.retry_candidates(cohort.resolve_paths(manifest, tmp_path), failed, changed_after=written)
+    assert chosen == ["b"]
+    assert cohort.retry(manifest, chosen, batch_size=10).set_index("image_id").batch.to_dict() == {"a": "b0001", "b": "b0002", "c": "b0001"}
