@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from spinecohort import cohort, io, layout, summary
+from spinecohort.cohort_qc import page_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
@@ -243,9 +244,11 @@ def test_the_demo_qc_flags_exactly_the_misnamed_discs_and_the_review_page_links_
     # The folds agree on the demo's vertebral bodies (one of them predicts no spinal cord at all, which the score ignores).
     assert not table["flags"].str.contains("folds_disagree").any() and (table.fold_agreement > 0.85).all()
     review = (demo_local_run / "summary" / layout.QC_REVIEW).read_text()
-    for image_id in table.image_id[:3]:
-        link = re.search(f'src="([^"]*{image_id}_mod-T2w_seg-spine_snp.png)"', review)
-        assert link and (demo_local_run / "summary" / link.group(1)).read_bytes()[:4] == b"\x89PNG"
+    rows = page_rows(review)
+    assert [r["id"] for r in rows] == table.image_id.tolist()  # every image, worst first
+    for row in rows[:3]:
+        assert row["snapshot"].endswith(f"{row['id']}_mod-T2w_seg-spine_snp.png")
+        assert (demo_local_run / "summary" / row["snapshot"]).read_bytes()[:4] == b"\x89PNG"
     flags = pd.read_csv(demo_local_run / "summary" / layout.QC_FLAGS, sep="\t")
     assert list(flags.image_id) == list(table.image_id[table["flags"] != ""])
 

@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", type=Path, help="the batch's restore folder")
     p.add_argument("target", type=Path, help="the derivative to make (the folder holds a file of its name)")
 
+    p = sub.add_parser("review", help="serve the QC review page on this node's 127.0.0.1 (e.g. a login node, behind an ssh tunnel)")
+    p.add_argument("--summary", type=Path, default=Path("results/summary"), help="the run's summary folder (default results/summary)")
+    p.add_argument("--decisions", type=Path, required=True, help="the decisions TSV the exported decisions are written to (qc.decisions)")
+    p.add_argument("--port", type=_non_negative, default=8765, help="port on 127.0.0.1 (default 8765; 0: any free one)")
+
     p = sub.add_parser("describe", help="the run's provenance (versions, models, parameters) and the derivatives' dataset_description.json")
     p.add_argument("--semantic-model", type=Path, required=True, help="semantic model folder")
     p.add_argument("--instance-model", type=Path, required=True, help="instance model folder")
@@ -172,6 +177,22 @@ def _describe(args: argparse.Namespace) -> None:
                                   parameters=args.parameters)
     io.write_json(args.dataset_description, provenance.dataset_description(run))
     io.write_json(args.out, run)  # last: what the stages read
+
+
+@_command("review")
+def _review(args: argparse.Namespace) -> None:
+    import socket
+
+    from .review_server import make_server
+
+    server, token = make_server(args.summary, args.decisions, args.port)
+    port = server.server_address[1]
+    log.info("review page: http://127.0.0.1:%d/#token=%s (from your laptop: ssh -N -L %d:127.0.0.1:%d %s, then open it "
+             "there); decisions go to %s; Ctrl-C stops", port, token, port, port, socket.gethostname(), args.decisions)  # fmt: skip
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.server_close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

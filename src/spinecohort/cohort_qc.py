@@ -17,6 +17,7 @@ instance phase can name the disc below a vertebra the top border cuts after the 
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Mapping
 from typing import Final
 
@@ -163,26 +164,45 @@ def ranking_quality(score: pd.Series, dsc: pd.Series, failing: float = FAILING_D
     """
     from scipy import stats
 
+    from .review import auc
+
     score, dsc = score.align(dsc, join="inner")
-    bad = (dsc < failing).to_numpy()
-    worse = score.to_numpy()[bad][:, None] - score.to_numpy()[~bad][None, :]
-    auc = float(((worse > 0) + 0.5 * (worse == 0)).mean()) if bad.any() and (~bad).any() else float("nan")
-    return {"images": int(len(dsc)), "failing": int(bad.sum()), "auc": round(auc, 4),
+    bad = dsc < failing
+    return {"images": int(len(dsc)), "failing": int(bad.sum()), "auc": round(auc(score, bad), 4),
             "spearman": round(float(stats.spearmanr(score, dsc).statistic), 4)}
 
 
-def review_page(table: pd.DataFrame, snapshots: Mapping[str, str], n: int, notice: str = "") -> str:
-    """An HTML page of the `n` worst images: score, flags explained, and the snapshot (relative link); a `notice`
-    (e.g. that the cohort mixes software stacks) above them."""
-    rows = []
-    for r in table.head(n).itertuples():
-        flags = "".join(f"<li><b>{f}</b>: {html.escape(FLAGS[f])}</li>" for f in r.flags.split(",") if f)
-        picture = f'<img src="{html.escape(snapshots[r.image_id])}" width="360">' if r.image_id in snapshots else "no snapshot"
-        rows.append(f"<tr><td>{html.escape(r.image_id)}<br>{r.region}, {r.numbering}<br>score {r.score:.3f}<br>"
-                    f"fold agreement {r.fold_agreement:.3f}</td><td><ul>{flags or '<li>no flag</li>'}</ul></td><td>{picture}</td></tr>")
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>spinecohort QC review</title></head><body>"
-            f"<h1>The {min(n, len(table))} images most likely wrong, of {len(table)}</h1>"
-            + (f"<p><b>Warning</b>: {html.escape(notice)} ({layout.STACKS}).</p>" if notice else "") +
-            "<p>Ranked by the QC score (results/summary/qc.parquet): 1 minus the folds' agreement on the vertebral "
-            f"bodies, plus {FLAG_WEIGHT} per flag of {', '.join(SCORED_FLAGS)}.</p>"
-            f"<table border='1' cellpadding='4'>{''.join(rows)}</table></body></html>\n")
+def review_page(table: pd.DataFrame, snapshots: Mapping[str, str], n: int, notice: str = "",
+                decisions: pd.DataFrame | None = None, key: str = "", check: str = "") -> str:
+    """The review page (`review_page.html`): every image of the QC `table` worst first, `n` per page, each with its
+    score, fold agreement, flags explained and snapshot (relative link), and decision buttons and keys; decisions
+    already made (`decisions`) are shown, new ones kept in the browser under `key` and exported as a TSV
+    (`review.read_decisions` reads it). A `notice` (e.g. that the cohort mixes software stacks) heads it, then the
+    `check` of the score against the decisions (HTML)."""
+    import json
+    from importlib.resources import files
+
+    def as_json(value: object) -> str:
+        return json.dumps(value).replace("</", "<\\/")  # nothing in the data can close its <script> element
+
+    rows = [{"id": r.image_id, "region": r.region, "numbering": r.numbering, "score": float(r.score),
+             "fold_agreement": None if pd.isna(r.fold_agreement) else float(r.fold_agreement),
+             "flags": [f for f in r.flags.split(",") if f], "snapshot": snapshots.get(r.image_id, "")}
+            for r in table.itertuples()]  # fmt: skip
+    decided = {} if decisions is None else {r.image_id: {"decision": r.decision, "note": r.note} for r in decisions.itertuples()}
+    fill = {"__TOTAL__": str(len(table)), "__FLAG_WEIGHT__": str(FLAG_WEIGHT), "__SCORED_FLAGS__": ", ".join(SCORED_FLAGS),
+            "__NOTICE__": f"<p class='warning'><b>Warning</b>: {html.escape(notice)} ({layout.STACKS}).</p>" if notice else "",
+            "__CHECK__": check, "__PAGE_SIZE__": str(int(n)), "__KEY__": as_json(key), "__ROWS__": as_json(rows), "__DECIDED__": as_json(decided),
+            "__FLAGS__": as_json(FLAGS)}  # fmt: skip
+    template = files("spinecohort").joinpath("review_page.html").read_text()
+    return re.sub(r"__[A-Z_]+__", lambda m: fill.get(m.group(0), m.group(0)), template)  # one pass: data is not rescanned
+
+
+def page_rows(page: str) -> list[dict[str, object]]:
+    """The image rows a review page holds (`review_page`'s `rows` element), worst first."""
+    import json
+
+    found = re.search(r'<script id="rows" type="application/json">(.*?)</script>', page, re.S)
+    if found is None:
+        raise ValueError("not a spinecohort review page: no rows element")
+    return json.loads(found.group(1))

@@ -446,6 +446,8 @@ STAGE_COMMANDS: dict[str, tuple[Callable[..., None], str, tuple[tuple[tuple[str,
         _option("--ledgers", type=Path, nargs="*", default=[], help=f"{layout.LEDGER} files of every stage"),
         _option("--structures", type=json.loads, required=True, help="JSON list: Table S1 row order"),
         _option("--dataset", type=Path, required=True, help="partitioned score dataset folder"), _PROVENANCE,
+        _option("--derivatives", type=Path, default=None, help="BIDS derivatives root: reviewed-out images' sidecars say so"),
+        _option("--decisions", type=Path, default=None, help="the QC review's decisions TSV (image_id, decision, note): rejected images leave the tables"),
         _option("--mixed-stacks", choices=("warn", "error"), default="warn", help=f"outputs from more than one software stack or device type ({layout.STACKS})"),
         _option("--out", type=Path, required=True, help="summary folder"))),
 }  # fmt: skip

@@ -26,11 +26,16 @@ NOTHING_TO_SCORE = "no image has a reference mask that could be scored: nothing 
 
 
 def summarize(*, manifest: Path, out: Path, structures: list[str], scores: list[Path], levels: list[Path], semantic: list[Path],
-              ledgers: list[Path], dataset: Path, review_images: int, provenance: Path, mixed_stacks: str = "warn") -> None:
+              ledgers: list[Path], dataset: Path, review_images: int, provenance: Path, mixed_stacks: str = "warn",
+              decisions: Path | None = None, derivatives: Path | None = None) -> None:
     from . import summary
     from .label_levels import SUBJECT_LEVEL_COLUMNS
     from .provenance import parquet_metadata, read_run
+    from .review import mark_sidecars, no_decisions, read_decisions, reviewed_out
     from .stacks import MixedStacksError, differences, mixed_message, read_stacks
+
+    review = read_decisions(decisions) if decisions else no_decisions()
+    rejected = set(review.image_id[review.decision == "reject"])
 
     stacks = read_stacks(ledgers)
     mixed = mixed_message(lines) if (lines := differences(stacks)) else ""
@@ -40,25 +45,31 @@ def summarize(*, manifest: Path, out: Path, structures: list[str], scores: list[
         log.warning("%s", mixed)
     out.mkdir(parents=True, exist_ok=True)
     io.write_tsv(out / layout.STACKS, stacks)
-    batches = dict(zip(*(cohort.read_manifest(manifest)[c] for c in ("image_id", "batch"))))
+    images = cohort.read_manifest(manifest)
+    batches = dict(zip(images.image_id, images.batch))
     run = read_run(provenance)
     metadata = parquet_metadata(run, assd_definition=str(run["parameters"]["metrics"]["assd"]))
     table = summary.read_scores([folder / layout.BATCH_SCORES for folder in scores])
     summary.write_partitioned(table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata}), dataset)
-    rows = table.to_pandas()
+    rows = table.to_pandas()  # the score dataset keeps every image; the tables leave out those the review rejected
+    rows = rows[~rows.image_id.isin(rejected)]
     stats = summary.by_region(rows)
     summary.write_parquet(out / "by_region.parquet", stats, metadata)
     n = rows.drop_duplicates("image_id").groupby("region").size()
     counts = ", ".join(f"{r}: n={n[r]}" for r in REGIONS if r in n) or NOTHING_TO_SCORE
     summary.write_table_s1(summary.table_s1(stats, structures), out, f"DSC and ASSD (mm), mean ± SD over images per station ({counts})")
     stations = finished_stations(levels)
-    summary.write_levels_table(summary.levels_table(rows, stations), out, empty=NOTHING_TO_SCORE if rows.empty else None)
+    summary.write_levels_table(summary.levels_table(rows, stations[~stations.image_id.isin(rejected)]), out,
+                               empty=NOTHING_TO_SCORE if rows.empty else None)  # fmt: skip
     summary.box_plots(rows, out, structures)
     io.write_tsv(out / "failures.tsv", summary.failures(ledgers, batches))
+    io.write_tsv(out / layout.REVIEWED_OUT, reviewed_out(review, batches))
+    if derivatives is not None:
+        mark_sidecars(derivatives, images, review, out.parent / layout.REVIEW_MARKED)
     subjects = [pd.read_csv(folder / layout.SUBJECT_LEVELS, sep="\t", dtype=str, keep_default_na=False) for folder in levels]
     io.write_tsv(out / layout.SUBJECT_LEVELS, pd.concat(subjects, ignore_index=True) if subjects
                  else pd.DataFrame(columns=list(SUBJECT_LEVEL_COLUMNS)))
-    write_qc(out, stations, levels, semantic, review_images, metadata, batches, notice=mixed)
+    write_qc(out, stations, levels, semantic, review_images, metadata, batches, notice=mixed, review=review)
     log.info("summarised %d score rows of %d images%s", len(rows), rows["image_id"].nunique(), f" ({NOTHING_TO_SCORE})" if rows.empty else "")
 
 
@@ -78,12 +89,13 @@ def finished_stations(levels: list[Path]) -> pd.DataFrame:
 
 
 def write_qc(out: Path, images: pd.DataFrame, levels: list[Path], semantic: list[Path], review_images: int,
-             metadata: dict[bytes, bytes], batches: Mapping[str, str], notice: str = "") -> None:
+             metadata: dict[bytes, bytes], batches: Mapping[str, str], notice: str = "", review: pd.DataFrame | None = None) -> None:
     """qc.parquet, qc_flags.tsv and the review page (`cohort_qc`), from label-levels' (`images`: `finished_stations`) and
     average-folds' outputs (`batches`, image_id -> its batch in the manifest: an average-folds folder counts for the
     images its batch holds)."""
     from . import summary
     from .cohort_qc import qc_table, review_page
+    from .review import on_qc_rows
 
     agreement = [summary.held_now(_read(folder / layout.FOLD_AGREEMENT, na_values=[""], dtype={"image_id": str}), folder.parent.name, batches)
                  for folder in semantic]
@@ -91,10 +103,29 @@ def write_qc(out: Path, images: pd.DataFrame, levels: list[Path], semantic: list
     table = qc_table(images[STATION_COLUMNS],
                      pd.concat(agreement, ignore_index=True) if agreement else pd.DataFrame(columns=["image_id", "structure", "dsc"]),
                      pd.concat(volumes, ignore_index=True) if volumes else pd.DataFrame(columns=["image_id", "region", "level", "mm3"]))
+    check = ""
+    if review is not None and len(review):
+        table = on_qc_rows(table, review)
+        check = write_review_check(out, table, review)
     summary.write_parquet(out / layout.QC_TABLE, table, metadata)
     io.write_tsv(out / layout.QC_FLAGS, table[table["flags"] != ""][["image_id", "region", "score", "flags"]])
     snapshots = {r.image_id: os.path.relpath(Path(r.folder) / layout.derivative_name(r.image_id, *layout.SNAPSHOT), out)
                  for r in images.itertuples()}
     with io.atomic_path(out / layout.QC_REVIEW) as tmp:
-        tmp.write_text(review_page(table, snapshots, review_images, notice=notice))
+        tmp.write_text(review_page(table, snapshots, review_images, notice=notice, decisions=review, key=str(out.resolve()),
+                                   check=check))
 
+
+def write_review_check(out: Path, qc: pd.DataFrame, review: pd.DataFrame) -> str:
+    """The QC score against the reviewer's decisions (`review.ranking_check`): `layout.REVIEW_CHECK` per decile; the
+    AUC in the log. Returns both as a paragraph of HTML for the review page."""
+    import html
+
+    from .review import ranking_check
+
+    area, deciles = ranking_check(qc.set_index("image_id").score, review)
+    io.write_tsv(out / layout.REVIEW_CHECK, deciles)
+    line = f"QC score against {int(deciles.reviewed.sum())} reviewed images ({int(deciles.rejected.sum())} rejected): AUC {area:.3f}"
+    log.info("%s", line)
+    rates = ", ".join(f"{int(r.decile)}: {r.rejection_rate:.0%} of {int(r.reviewed)}" for r in deciles.itertuples() if r.reviewed)
+    return f"<p>{html.escape(line)}; rejected per decile of the score (1: the worst tenth): {html.escape(rates)} ({layout.REVIEW_CHECK}).</p>"

@@ -34,6 +34,7 @@ rule summarize:
         semantic=expand(stage_dir("average-folds"), batch=get_batches()),
         ledgers=get_ledger_folders,
         provenance=rules.describe.output.provenance,
+        decisions=[config["qc"]["decisions"]] if config["qc"]["decisions"] else [],
     output:
         dataset=directory(RESULTS / "scores"),
         by_region=SUMMARY / "by_region.parquet",
@@ -63,6 +64,7 @@ rule summarize:
         ),
         qc_review=SUMMARY / layout.QC_REVIEW,
         stacks=SUMMARY / layout.STACKS,
+        reviewed_out=SUMMARY / layout.REVIEWED_OUT,
         plots=report(
             expand(SUMMARY / "boxplot_{metric}.png", metric=["dsc", "assd"]),
             caption="../report/boxplots.rst",
@@ -89,8 +91,13 @@ rule summarize:
         folder=SUMMARY,
         review=config["qc"]["review_images"],
         mixed=config["mixed_stacks"],
+        derivatives=DERIVATIVES,
+        decisions=lambda wildcards, input: (
+            f"--decisions {input.decisions}" if input.decisions else ""
+        ),
     shell:
         "spinecohort summarize --manifest {input.manifest} --scores {input.scores} --levels {input.levels} --semantic {input.semantic}"
         " --ledgers {params.ledgers} --structures {params.structures} --review-images {params.review}"
-        " --dataset {output.dataset} --provenance {input.provenance} --mixed-stacks {params.mixed}"
+        " --dataset {output.dataset} --provenance {input.provenance} --mixed-stacks {params.mixed} {params.decisions}"
+        " --derivatives {params.derivatives}"
         " --out {params.folder} &> {log}"
