@@ -84,10 +84,10 @@ def image_measures(instance: NDArray[np.integer], semantic: NDArray[np.integer],
 
 
 def level_volumes(instance: NDArray[np.integer], affine: NDArray[np.float64]) -> dict[int, float]:
-    """Volume (mm³) of each vertebra id."""
-    ids, counts = np.unique(instance[L.vertebra_ids(instance)], return_counts=True)
-    voxel = float(abs(np.linalg.det(affine[:3, :3])))
-    return {int(k): float(n) * voxel for k, n in zip(ids, counts)}
+    """Volume (mm³) of each vertebra id, counted as the morphometrics count the bodies (`morphometrics.volumes`)."""
+    from .morphometrics import volumes
+
+    return volumes(instance, affine, L.vertebra_ids(instance))
 
 
 def level_z(volumes: pd.DataFrame) -> pd.Series:

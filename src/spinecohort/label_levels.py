@@ -37,6 +37,7 @@ def label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path], 
     from .centroids import poi_json
     from .cohort_qc import image_measures, level_volumes
     from .labeling import apply_model, read_labeling
+    from .morphometrics import measure
     from .pipeline import _image_folders, _level_names, _publish, group_rows, ledger_facts, run_stage, upstream_failures
     from .qc import snapshot_png
     from .subject_levels import label_subject, relabel, station_vertebrae
@@ -55,6 +56,7 @@ def label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path], 
     masks: dict[str, tuple[NDArray, NDArray, NDArray] | Exception] = {}  # the current subject's: instance, affine, semantic
     summary: list[dict[str, str]] = []
     volumes: list[dict[str, Any]] = []
+    measured: list[pd.DataFrame] = []
 
     def read_masks(image_id: str) -> tuple[NDArray, NDArray, NDArray]:
         instance, affine = io.load_mask(folder_of[image_id] / layout.derivative_name(image_id, "vert"))
@@ -106,15 +108,21 @@ def label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path], 
         if mode != "count":  # a count's ids are positions, not levels
             volumes.extend({"image_id": row.image_id, "region": row.region, "level": L_NAMES[k], "mm3": round(v, 1)}
                            for k, v in level_volumes(instance, affine).items())
+            measured.append(measure(instance, semantic, affine, row.image_id).assign(subject=row.subject, session=row.session, station=row.region))
         return {"message": result.reasons[row.image_id], "numbering": mode, "station_numbering": own[row.image_id],
                 "region": row.region, **{k: f"{v:g}" for k, v in measures.items()}}
 
     run_stage(layout.ledger_stage("label-levels"), rows, out, work, failed_before=failed)
     io.write_tsv(out / layout.LEVEL_VOLUMES, pd.DataFrame(volumes, columns=["image_id", "region", "level", "mm3"]))
+    io.write_tsv(out / layout.MORPHOMETRICS, pd.concat(measured, ignore_index=True)[list(MORPHOMETRICS_COLUMNS)] if measured
+                 else pd.DataFrame(columns=list(MORPHOMETRICS_COLUMNS)))  # fmt: skip
     for key in dict.fromkeys(zip(rows.subject, rows.session)):  # subjects with no station left get their row too
         subject(*key)
     io.write_tsv(out / layout.SUBJECT_LEVELS, pd.DataFrame(summary, columns=list(SUBJECT_LEVEL_COLUMNS)))
 
+
+# layout.MORPHOMETRICS: a row per image, level, structure and measure (`morphometrics.measure`).
+MORPHOMETRICS_COLUMNS: Final = ("subject", "session", "station", "image_id", "level", "structure", "measure", "value", "unit", "reason")
 
 # layout.SUBJECT_LEVELS: a row per subject.
 SUBJECT_LEVEL_COLUMNS: Final = ("subject", "session", "stations", "linked", "vertebrae", "thoracic", "lumbar", "levels", "note",

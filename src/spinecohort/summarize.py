@@ -69,7 +69,8 @@ def summarize(*, manifest: Path, out: Path, structures: list[str], scores: list[
     subjects = [pd.read_csv(folder / layout.SUBJECT_LEVELS, sep="\t", dtype=str, keep_default_na=False) for folder in levels]
     io.write_tsv(out / layout.SUBJECT_LEVELS, pd.concat(subjects, ignore_index=True) if subjects
                  else pd.DataFrame(columns=list(SUBJECT_LEVEL_COLUMNS)))
-    write_qc(out, stations, levels, semantic, review_images, metadata, batches, notice=mixed, review=review)
+    qc = write_qc(out, stations, levels, semantic, review_images, metadata, batches, notice=mixed, review=review)
+    write_morphometrics(out, levels, qc, rejected, metadata)
     log.info("summarised %d score rows of %d images%s", len(rows), rows["image_id"].nunique(), f" ({NOTHING_TO_SCORE})" if rows.empty else "")
 
 
@@ -89,7 +90,7 @@ def finished_stations(levels: list[Path]) -> pd.DataFrame:
 
 
 def write_qc(out: Path, images: pd.DataFrame, levels: list[Path], semantic: list[Path], review_images: int,
-             metadata: dict[bytes, bytes], batches: Mapping[str, str], notice: str = "", review: pd.DataFrame | None = None) -> None:
+             metadata: dict[bytes, bytes], batches: Mapping[str, str], notice: str = "", review: pd.DataFrame | None = None) -> pd.DataFrame:
     """qc.parquet, qc_flags.tsv and the review page (`cohort_qc`), from label-levels' (`images`: `finished_stations`) and
     average-folds' outputs (`batches`, image_id -> its batch in the manifest: an average-folds folder counts for the
     images its batch holds)."""
@@ -114,6 +115,20 @@ def write_qc(out: Path, images: pd.DataFrame, levels: list[Path], semantic: list
     with io.atomic_path(out / layout.QC_REVIEW) as tmp:
         tmp.write_text(review_page(table, snapshots, review_images, notice=notice, decisions=review, key=str(out.resolve()),
                                    check=check))
+    return table
+
+
+def write_morphometrics(out: Path, levels: list[Path], qc: pd.DataFrame, rejected: set[str], metadata: dict[bytes, bytes]) -> None:
+    """summary/morphometrics.parquet from every label-levels folder's measurements (`morphometrics.cohort_table`)."""
+    from . import summary
+    from .morphometrics import cohort_table
+
+    found = [folder / layout.MORPHOMETRICS for folder in levels if (folder / layout.MORPHOMETRICS).exists()]
+    if missing := len(levels) - len(found):  # folders written before the measurements: their images have none
+        log.warning("%d label-levels folder(s) hold no %s (written by an earlier spinecohort): rerun label_levels for their measurements",
+                    missing, layout.MORPHOMETRICS)
+    tables = [pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False) for path in found]
+    summary.write_parquet(out / layout.MORPHOMETRICS_TABLE, cohort_table(tables, qc, rejected), metadata)
 
 
 def write_review_check(out: Path, qc: pd.DataFrame, review: pd.DataFrame) -> str:

@@ -63,6 +63,7 @@ rule summarize:
             category="QC",
         ),
         qc_review=SUMMARY / layout.QC_REVIEW,
+        morphometrics=SUMMARY / layout.MORPHOMETRICS_TABLE,
         stacks=SUMMARY / layout.STACKS,
         reviewed_out=SUMMARY / layout.REVIEWED_OUT,
         plots=report(
