@@ -130,7 +130,7 @@ def test_the_cohort_table_leaves_rejected_images_out_carries_flags_and_compares_
     stations = [station("c", "cervical", {"T1": "20.0", "T2": ""}), station("t", "thoracic", {"T1": "21.0", "T2": "19.0"}),
                 station("x", "lumbar", {"L1": "30"})]  # fmt: skip
     qc = pd.DataFrame({"image_id": ["c", "t", "x"], "flags": ["", "canal_gap", ""]})
-    table = cohort_table(stations, qc, rejected={"x"}).set_index(["image_id", "level"])
+    table = cohort_table(stations, qc.set_index("image_id")["flags"], rejected={"x"}).set_index(["image_id", "level"])
     assert "x" not in table.index.get_level_values(0)
     assert table.qc_flags.to_dict() == {("c", "T1"): "", ("c", "T2"): "", ("t", "T1"): "canal_gap", ("t", "T2"): "canal_gap"}
     assert table.stations_measured.to_dict() == {("c", "T1"): 2, ("c", "T2"): 1, ("t", "T1"): 2, ("t", "T2"): 1}  # T2 is cut in c

@@ -8,6 +8,7 @@ and per subject a row of `layout.SUBJECT_LEVELS` (and with `whole_spine` its sti
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -18,6 +19,8 @@ import pandas as pd
 from . import cohort, io, layout
 from .labels import REGIONS
 from .labels import VERTEBRA_NAMES as L_NAMES
+
+log = logging.getLogger("spinecohort")
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
@@ -37,7 +40,7 @@ def label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path], 
     from .centroids import poi_json
     from .cohort_qc import image_measures, level_volumes
     from .labeling import apply_model, read_labeling
-    from .morphometrics import measure
+    from .morphometrics import STATION_COLUMNS, measure
     from .pipeline import _image_folders, _level_names, _publish, group_rows, ledger_facts, run_stage, upstream_failures
     from .qc import snapshot_png
     from .subject_levels import label_subject, relabel, station_vertebrae
@@ -108,21 +111,22 @@ def label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path], 
         if mode != "count":  # a count's ids are positions, not levels
             volumes.extend({"image_id": row.image_id, "region": row.region, "level": L_NAMES[k], "mm3": round(v, 1)}
                            for k, v in level_volumes(instance, affine).items())
-            measured.append(measure(instance, semantic, affine, row.image_id).assign(subject=row.subject, session=row.session, station=row.region))
+            try:
+                measured.append(measure(instance, semantic, affine, row.image_id).assign(subject=row.subject, session=row.session,
+                                                                                          station=row.region))  # fmt: skip
+            except Exception as exc:  # a measurement never costs an image its masks; the log says which has none
+                log.warning("%s: no measurements: %s: %s", row.image_id, type(exc).__name__, exc)
         return {"message": result.reasons[row.image_id], "numbering": mode, "station_numbering": own[row.image_id],
                 "region": row.region, **{k: f"{v:g}" for k, v in measures.items()}}
 
     run_stage(layout.ledger_stage("label-levels"), rows, out, work, failed_before=failed)
     io.write_tsv(out / layout.LEVEL_VOLUMES, pd.DataFrame(volumes, columns=["image_id", "region", "level", "mm3"]))
-    io.write_tsv(out / layout.MORPHOMETRICS, pd.concat(measured, ignore_index=True)[list(MORPHOMETRICS_COLUMNS)] if measured
-                 else pd.DataFrame(columns=list(MORPHOMETRICS_COLUMNS)))  # fmt: skip
+    io.write_tsv(out / layout.MORPHOMETRICS, pd.concat(measured, ignore_index=True)[list(STATION_COLUMNS)] if measured
+                 else pd.DataFrame(columns=list(STATION_COLUMNS)))  # fmt: skip
     for key in dict.fromkeys(zip(rows.subject, rows.session)):  # subjects with no station left get their row too
         subject(*key)
     io.write_tsv(out / layout.SUBJECT_LEVELS, pd.DataFrame(summary, columns=list(SUBJECT_LEVEL_COLUMNS)))
 
-
-# layout.MORPHOMETRICS: a row per image, level, structure and measure (`morphometrics.measure`).
-MORPHOMETRICS_COLUMNS: Final = ("subject", "session", "station", "image_id", "level", "structure", "measure", "value", "unit", "reason")
 
 # layout.SUBJECT_LEVELS: a row per subject.
 SUBJECT_LEVEL_COLUMNS: Final = ("subject", "session", "stations", "linked", "vertebrae", "thoracic", "lumbar", "levels", "note",

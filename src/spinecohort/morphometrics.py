@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Final
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from . import labels as L
 
@@ -37,6 +38,10 @@ if TYPE_CHECKING:
     from numpy.typing import NDArray
 
 COLUMNS: Final = ("image_id", "level", "structure", "measure", "value", "unit", "reason")
+TABLE_SCHEMA: Final = pa.schema([*((name, pa.string()) for name in ("subject", "session", "station", "image_id", "level", "structure", "measure")),
+                                  ("value", pa.float64()), ("unit", pa.string()), ("reason", pa.string()), ("qc_flags", pa.string()),
+                                  ("stations_measured", pa.int32()), ("overlap_difference", pa.float64())])  # summary/morphometrics.parquet  # fmt: skip
+STATION_COLUMNS: Final = tuple(TABLE_SCHEMA.names[:10])  # label-levels' `layout.MORPHOMETRICS`
 BODY_HEIGHTS: Final = {"height_anterior": 0.9, "height_middle": 0.5, "height_posterior": 0.1}  # fraction of depth from the back
 DISC_POSITIONS: Final = np.linspace(0.1, 0.9, 9)
 CANAL_NEAR_MM: Final = 10.0  # the canal within this distance along the axis sets a level's anterior direction
@@ -241,20 +246,20 @@ def _canal(st: Station, frame: Frame, where: str, level: str) -> list[tuple[str,
     return rows
 
 
-def cohort_table(stations: list[pd.DataFrame], qc: pd.DataFrame, rejected: set[str]) -> pd.DataFrame:
-    """The cohort's measurements (label-levels' `layout.MORPHOMETRICS` of every group) for summary/morphometrics.parquet:
-    without the images the review rejected, each row with its image's QC flags (`qc_flags`) and, where another
-    station of the subject measured the same level's measure whole, `stations_measured` and `overlap_difference`
-    (this value minus the mean of the other stations' values)."""
-    table = pd.concat(stations, ignore_index=True) if stations else pd.DataFrame(columns=["image_id", "value"])
+def cohort_table(stations: list[pd.DataFrame], flags: pd.Series, rejected: set[str]) -> pd.DataFrame:
+    """Measurements of stations (label-levels' `layout.MORPHOMETRICS`) as summary/morphometrics.parquet has them
+    (`TABLE_SCHEMA`): without the images the review rejected, each row with its image's QC flags (`flags`, by
+    image id) and, where another station of the subject measured the same level's measure whole,
+    `stations_measured` and `overlap_difference` (this value minus the mean of the other stations' values)."""
+    table = pd.concat(stations, ignore_index=True) if stations else pd.DataFrame(columns=list(STATION_COLUMNS), dtype=str)
     table = table[~table.image_id.isin(rejected)].reset_index(drop=True)
     table["value"] = pd.to_numeric(table.value, errors="coerce").astype(float)
-    table["qc_flags"] = qc.set_index("image_id")["flags"].reindex(table.image_id).fillna("").to_numpy() if len(qc) else ""
-    keys = [c for c in ("subject", "session", "level", "structure", "measure") if c in table]
+    table["qc_flags"] = flags.reindex(table.image_id).fillna("").to_numpy(dtype=object)
     seen = table.value.notna()
-    groups = table.assign(known=seen, total=table.value.where(seen, 0.0)).groupby(keys, sort=False)
+    groups = table.assign(known=seen, total=table.value.where(seen, 0.0)).groupby(["subject", "session", "level", "structure", "measure"],
+                                                                                  sort=False)  # fmt: skip
     n, total = groups.known.transform("sum"), groups.total.transform("sum")
-    table["stations_measured"] = n.astype(int)
+    table["stations_measured"] = n.astype("int32")
     table["overlap_difference"] = (table.value - (total - table.value) / (n - 1)).where(seen & (n > 1))
     return table
 

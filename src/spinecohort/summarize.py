@@ -119,16 +119,23 @@ def write_qc(out: Path, images: pd.DataFrame, levels: list[Path], semantic: list
 
 
 def write_morphometrics(out: Path, levels: list[Path], qc: pd.DataFrame, rejected: set[str], metadata: dict[bytes, bytes]) -> None:
-    """summary/morphometrics.parquet from every label-levels folder's measurements (`morphometrics.cohort_table`)."""
-    from . import summary
-    from .morphometrics import cohort_table
+    """summary/morphometrics.parquet from every label-levels folder's measurements (`morphometrics.cohort_table`), one
+    row group per subject group: a subject's stations lie in one group, so the overlaps are found there, and
+    summarize holds one group's rows at a time (a NAKO cohort has ~200 rows per image, 18 million in all)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .morphometrics import TABLE_SCHEMA, cohort_table
 
     found = [folder / layout.MORPHOMETRICS for folder in levels if (folder / layout.MORPHOMETRICS).exists()]
     if missing := len(levels) - len(found):  # folders written before the measurements: their images have none
         log.warning("%d label-levels folder(s) hold no %s (written by an earlier spinecohort): rerun label_levels for their measurements",
                     missing, layout.MORPHOMETRICS)
-    tables = [pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False) for path in found]
-    summary.write_parquet(out / layout.MORPHOMETRICS_TABLE, cohort_table(tables, qc, rejected), metadata)
+    flags = qc.set_index("image_id")["flags"]
+    schema = TABLE_SCHEMA.with_metadata(metadata)
+    with io.atomic_path(out / layout.MORPHOMETRICS_TABLE) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for group in [[pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)] for path in found] or [[]]:  # none: the schema alone
+            writer.write_table(pa.Table.from_pandas(cohort_table(group, flags, rejected), schema=schema, preserve_index=False))
 
 
 def write_review_check(out: Path, qc: pd.DataFrame, review: pd.DataFrame) -> str:
