@@ -109,6 +109,22 @@ def test_sagittal_slices_measure_within_a_voxel_of_the_truth():
     assert values(table, "canal", "area_mid_body").div(CANAL_AP * CANAL_W).sub(1).abs().max() <= 0.2
 
 
+def test_the_image_axes_order_and_direction_do_not_change_a_measure():
+    """The same tilted column stored with its superior axis flipped and with the axes permuted (slices first):
+    the same levels, discs and values (a column read bottom to top would name every disc after the wrong body)."""
+    instance, semantic, affine = column(15.0)
+    n = instance.shape[2]
+    flip = np.eye(4)
+    flip[2, 2], flip[2, 3] = -1, n - 1
+    permute = np.eye(4)[[2, 1, 0, 3]]
+    stored = {"flipped": (instance[:, :, ::-1], semantic[:, :, ::-1], affine @ flip),
+              "permuted": (instance.transpose(2, 1, 0), semantic.transpose(2, 1, 0), affine @ permute)}
+    expected = measure(instance, semantic, affine).set_index(["level", "structure", "measure"]).value
+    for name, masks in stored.items():
+        got = measure(*masks).set_index(["level", "structure", "measure"]).value
+        pd.testing.assert_series_equal(got.sort_index(), expected.sort_index(), rtol=1e-6, obj=name)
+
+
 def test_a_body_the_border_cuts_is_not_measured_and_says_why():
     instance, semantic, affine = column()
     top = np.flatnonzero((instance == L.VERTEBRA_IDS["L1"]).any(axis=(0, 1))).max()

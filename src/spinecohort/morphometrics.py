@@ -81,7 +81,6 @@ class Station:
         self.xyz = np.stack(index, axis=1) @ affine[:3, :3].T + affine[:3, 3]
         self.edges = affine[:3, :3].T  # one voxel's edge vectors (mm), one per row
         self.voxel = float(abs(np.linalg.det(affine[:3, :3])))
-        self.superior = affine[:3, :3] @ np.eye(3)[int(np.argmax(np.abs(affine[2, :3]) / np.linalg.norm(affine[:3, :3], axis=0)))]
 
     def extent(self, direction: NDArray[np.float64]) -> float:
         """One voxel's extent (mm) along a unit `direction`."""
@@ -105,11 +104,11 @@ def measure(instance: NDArray[np.integer], semantic: NDArray[np.integer], affine
     if not bodies:
         return pd.DataFrame(columns=list(COLUMNS))
     centres = {k: v.mean(axis=0) for k, v in bodies.items()}
-    order = _column_order(centres, st.superior)
+    order = _column_order(centres)
     canal = np.isin(st.semantic, (L.CANAL, L.CORD))
     rows: list[tuple[str, str, str, float, str, str]] = []
     frames: dict[int, Frame] = {}
-    tangent = _centre_line(np.array([centres[k] for k in order]), st.superior)
+    tangent = _centre_line(np.array([centres[k] for k in order]))
     for i, k in enumerate(order):
         frames[k] = _frame(centres[k], tangent(float(i)), st.xyz[canal])
     middle: dict[int, float] = {}
@@ -145,24 +144,25 @@ UNITS: Final = {"volume": "mm3", "depth": "mm", "wedge_ratio": "1", "height_mean
                 **dict.fromkeys(BODY_HEIGHTS, "mm")}  # fmt: skip
 
 
-def _column_order(centres: dict[int, NDArray[np.float64]], superior: NDArray[np.float64]) -> list[int]:
-    """Body ids top to bottom: along the centroids' main direction (a tilted column too), oriented downwards."""
+SUPERIOR: Final = np.array([0.0, 0.0, 1.0])  # world (RAS) superior: masks are read as nibabel gives them
+
+
+def _column_order(centres: dict[int, NDArray[np.float64]]) -> list[int]:
+    """Body ids top to bottom: along the centroids' main direction (a tilted column too), oriented downwards in the
+    world, whichever way the image's axes run."""
     ids = list(centres)
     points = np.array([centres[k] for k in ids])
-    if len(ids) > 1:
-        direction = np.linalg.svd(points - points.mean(axis=0))[2][0]
-        direction = direction if direction @ superior < 0 else -direction
-    else:
-        direction = -superior
+    direction = np.linalg.svd(points - points.mean(axis=0))[2][0] if len(ids) > 1 else -SUPERIOR
+    direction = direction if direction @ SUPERIOR < 0 else -direction
     return [ids[i] for i in np.argsort(points @ direction, kind="stable")]
 
 
-def _centre_line(points: NDArray[np.float64], superior: NDArray[np.float64]) -> Callable[[float], NDArray[np.float64]]:
+def _centre_line(points: NDArray[np.float64]) -> Callable[[float], NDArray[np.float64]]:
     """The centre line's direction (down the column) at a position between the bodies (0: the first body's centroid,
     0.5: half way to the second): a quadratic through the centroids by arc length, so that the end bodies of a curved
     column get their own tangent, not the chord to their neighbour."""
     if len(points) < 2:
-        return lambda _: -_unit(superior)
+        return lambda _: -SUPERIOR
     arc = np.r_[0.0, np.cumsum(np.linalg.norm(np.diff(points, axis=0), axis=1))]
     coefficients = [np.polynomial.Polynomial.fit(arc, points[:, j], min(2, len(points) - 1)).deriv() for j in range(3)]
 
