@@ -148,7 +148,7 @@ def test_same_seed_gives_byte_identical_files_and_other_seeds_differ(tmp_path: P
     b = write_cohort(tmp_path / "b", subjects=1, seed=7).parent
     c = write_cohort(tmp_path / "c", subjects=1, seed=8).parent
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    assert len(files) == 13
+    assert len(files) == 14  # 3 images, 9 references (semantic, instance, bias), cohort.tsv, truth.tsv
     match, mismatch, errors = filecmp.cmpfiles(a, b, [str(f) for f in files], shallow=False)
     assert not mismatch and not errors
     img = files[[str(f).endswith("HWS_T2w.nii.gz") for f in files].index(True)]

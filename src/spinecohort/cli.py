@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--motion-deg", type=float, default=0.0, help="largest rotation (degrees) of a station about its centre")
     p.add_argument("--failures", type=float, default=0.0,
                    help="chance (0-1) of an injected acquisition failure per station, for validating QC (listed in injected_failures.tsv)")
+    p.add_argument("--ribs", action="store_true", help="ribs in the images (thoracic vertebrae; T13 short; not in the references)")
+    p.add_argument("--rudimentary-t12", type=float, default=0.0, help="with --ribs: chance (0-1) of a rudimentary 12th rib pair")
+    p.add_argument("--lumbar-ribs", type=float, default=0.0, help="with --ribs: chance (0-1) of a short rib pair on L1")
 
     p = sub.add_parser("manifest", help="build a cohort manifest from a BIDS tree, or check a TSV")
     src = p.add_mutually_exclusive_group(required=True)
@@ -117,6 +120,9 @@ def _phantom(args: argparse.Namespace) -> None:
         motion_mm=args.motion_mm,
         motion_deg=args.motion_deg,
         failures=args.failures,
+        ribs=args.ribs,
+        rudimentary_t12=args.rudimentary_t12,
+        lumbar_ribs=args.lumbar_ribs,
     )
     print(path)
 

@@ -120,6 +120,8 @@ class Subject:
     midline_x: float  # world R coordinate of the midsagittal plane
     cord_end: float  # s where the conus ends
     seed: tuple[int, ...] = field(default=())
+    # (vertebra id, rib shaft length mm) of every vertebra carrying a rib pair (`rib_pairs`); an image feature only
+    ribs: tuple[tuple[int, float], ...] = field(default=())
 
     def level(self, name: str) -> Vertebra:
         lvl = L.VERTEBRA_IDS[name]
@@ -150,11 +152,13 @@ def _dims(names: list[str]) -> NDArray[np.float64]:
 ANOMALIES: Final = ("none", "l6", "t13", "t11")
 
 
-def make_subject(seed: int, index: int, *, anomaly: str = "none") -> Subject:
+def make_subject(seed: int, index: int, *, anomaly: str = "none", rudimentary_t12: float = 0.0, lumbar_ribs: float = 0.0) -> Subject:
     """Draw one subject's anatomy; deterministic in (seed, index).
 
     `anomaly`: "none", "l6" (six lumbar vertebrae), "t13" (thirteen thoracic), "t11" (eleven thoracic)
-    or "random" (none 1/2, l6 and t13 1/4 each).
+    or "random" (none 1/2, l6 and t13 1/4 each). Ribs (`rib_pairs`): every thoracic vertebra carries a pair, the
+    13th a short one; with the chances `rudimentary_t12` the 12th pair is rudimentary and `lumbar_ribs` L1 carries
+    a short pair (drawn from their own stream: the column is the same whatever the rates).
     """
     rng = np.random.default_rng([seed, index, 0])
     if anomaly == "random":
@@ -205,7 +209,26 @@ def make_subject(seed: int, index: int, *, anomaly: str = "none") -> Subject:
         midline_x=float(rng.uniform(-3.0, 3.0)),
         cord_end=float(cord_end),
         seed=(seed, index),
+        ribs=rib_pairs(ids, np.random.default_rng([seed, index, 3]), rudimentary_t12=rudimentary_t12, lumbar_ribs=lumbar_ribs),
     )
+
+
+RIB_SHAFT_MM: Final = {"full": 45.0, "short": 12.0}  # how far the shaft runs on from the costotransverse joint
+
+
+def rib_pairs(ids: list[int], rng: np.random.Generator, *, rudimentary_t12: float, lumbar_ribs: float) -> tuple[tuple[int, float], ...]:
+    """(vertebra id, shaft length) of the vertebrae carrying ribs: every thoracic one (T13 a short pair; T12 a short
+    one with the chance `rudimentary_t12`), L1 a short pair with the chance `lumbar_ribs`."""
+    thoracic = [i for i in ids if L.VERTEBRA_NAMES[i].startswith("T")]
+    draws = rng.uniform(size=2)  # always two: a rate changes which subjects get them, not the stream
+    ribs = {i: RIB_SHAFT_MM["full"] for i in thoracic}
+    if L.VERTEBRA_IDS["T13"] in ribs:
+        ribs[L.VERTEBRA_IDS["T13"]] = RIB_SHAFT_MM["short"]
+    if draws[0] < rudimentary_t12 and L.VERTEBRA_IDS["T12"] in ribs:
+        ribs[L.VERTEBRA_IDS["T12"]] = RIB_SHAFT_MM["short"]
+    if draws[1] < lumbar_ribs:
+        ribs[L.VERTEBRA_IDS["L1"]] = RIB_SHAFT_MM["short"]
+    return tuple(ribs.items())
 
 
 def station_affine(subject: Subject, region: str, preset: Preset, rng: np.random.Generator) -> NDArray[np.float64]:
@@ -281,7 +304,7 @@ def _superellipse(a: NDArray, b: NDArray, p: float = 2.5) -> NDArray:
     return np.abs(a) ** p + np.abs(b) ** p
 
 
-def _paint_column(cv: _Canvas, subject: Subject) -> None:
+def _paint_column(cv: _Canvas, subject: Subject, ribs: bool = False) -> None:
     verts = subject.vertebrae
     lumbar_like = {"C": 0.0, "T": 0.5, "L": 1.0, "S": 1.0}
     lft = cv.lft[None, :]
@@ -300,6 +323,8 @@ def _paint_column(cv: _Canvas, subject: Subject) -> None:
     inside_body = (n > -back) & (n < front) & (np.abs(lft) < half_width)
     cv.paint(sel, inside_body, SOFT)
     cv.paint(sel, inside_body & (n < -back + 9.0), FAT)
+    if ribs:
+        _paint_ribs(cv, subject, canal_ap, canal_lr)
 
     # Discs first; bodies painted over them fill the disc surfaces exactly.
     for upper, lower in zip(verts[:-1], verts[1:]):
@@ -344,12 +369,61 @@ def _paint_column(cv: _Canvas, subject: Subject) -> None:
     cv.paint(sel, cord & (taper > 0), CORD_T, L.CORD)
 
 
+_LAMINA_MM: Final = {"C": 3.0, "T": 4.0, "L": 5.0}  # lamina thickness
+_TRANSVERSE_MM: Final = {"C": 9.0, "T": 16.0, "L": 22.0}  # costal (transverse) process length
+
+
+def _transverse_span(kind: str, canal_lr: float) -> tuple[float, float]:
+    """How far from the midline a transverse process starts and ends (mm)."""
+    inner = canal_lr + 0.6 * _LAMINA_MM[kind]
+    return inner, inner + _TRANSVERSE_MM[kind]
+
+
+def rib_path(v: Vertebra, shaft: float, canal_ap: float, canal_lr: float) -> NDArray[np.float64]:
+    """The left rib of `v` as a polyline in (s, n, lft): its head at the body's posterolateral corner (at the
+    upper endplate: the costovertebral joint), its tubercle under the transverse process's tip (the
+    costotransverse joint), then the shaft running posterolaterally and down for `shaft` mm."""
+    n_c = -(v.depth / 2 + 1.0 + canal_ap)
+    _, tip = _transverse_span("T", canal_lr)
+    head = (v.top + 1.0, -0.3 * v.depth, v.width / 2 + 2.0)
+    tubercle = (v.centre - 1.0, n_c - 0.4 * canal_ap + 5.0, tip - 2.0)
+    direction = np.array([0.35, -0.45, 0.82]) / np.linalg.norm([0.35, -0.45, 0.82])
+    return np.array([head, tubercle, np.asarray(tubercle) + shaft * direction])
+
+
+RIB_RADIUS_MM: Final = 4.0  # a rib's cross-section: marrow inside a 1 mm cortex
+
+
+def _paint_ribs(cv: _Canvas, subject: Subject, canal_ap, canal_lr) -> None:
+    """Ribs as image only (marrow and cortex, no label): painted before the labelled structures, which win."""
+    by_level = {v.level: v for v in subject.vertebrae}
+    lft = cv.lft[None, :]
+    for level, shaft in subject.ribs:
+        v = by_level[level]
+        path = rib_path(v, shaft, float(canal_ap(v.centre)), float(canal_lr(v.centre)))
+        lo, hi = path.min(axis=0) - RIB_RADIUS_MM, path.max(axis=0) + RIB_RADIUS_MM
+        sel, s, n = cv.window(lo[0], hi[0], lo[1], hi[1])
+        for side in (1.0, -1.0):
+            distance = np.full(np.broadcast_shapes(s.shape, lft.shape), np.inf)
+            for a, b in zip(path[:-1] * [1, 1, side], path[1:] * [1, 1, side]):
+                distance = np.minimum(distance, _segment_distance(s, n, lft, a, b))
+            cv.paint(sel, distance <= RIB_RADIUS_MM, BONE)
+            cv.paint(sel, distance <= RIB_RADIUS_MM - 1.0, BODY)
+
+
+def _segment_distance(s: NDArray, n: NDArray, lft: NDArray, a: NDArray, b: NDArray) -> NDArray:
+    """Distance (mm) of points (s, n, lft) from the segment a-b."""
+    ab = b - a
+    t = np.clip(((s - a[0]) * ab[0] + (n - a[1]) * ab[1] + (lft - a[2]) * ab[2]) / float(ab @ ab), 0.0, 1.0)
+    return np.sqrt((s - a[0] - t * ab[0]) ** 2 + (n - a[1] - t * ab[1]) ** 2 + (lft - a[2] - t * ab[2]) ** 2)
+
+
 def _paint_posterior(cv: _Canvas, subject: Subject, v: Vertebra, canal_ap, canal_lr) -> None:
     kind = v.kind
     h = v.height
     ra, rl = float(canal_ap(v.centre)), float(canal_lr(v.centre))
     n_c = -(v.depth / 2 + 1.0 + ra)  # canal centre
-    t = {"C": 3.0, "T": 4.0, "L": 5.0}[kind]  # lamina thickness
+    t = _LAMINA_MM[kind]
     lft = cv.lft[None, :]
     sel, s, n = cv.window(v.top - 0.4 * h, v.bottom + 0.8 * h + 20, n_c - ra - t - 45, 5)
 
@@ -363,11 +437,10 @@ def _paint_posterior(cv: _Canvas, subject: Subject, v: Vertebra, canal_ap, canal
     paint(s_arc & (r_in > 1) & (r_out <= 1) & (n < -v.depth / 2 + 0.5), L.ARCUS)
 
     # Costal (transverse) processes: lateral bars from the ring.
-    length = {"C": 9.0, "T": 16.0, "L": 22.0}[kind]
-    inner = rl + 0.6 * t
+    inner, tip = _transverse_span(kind, rl)
     half_s = {"C": 3.0, "T": 4.5, "L": 4.0}[kind]
     bar = (((s - v.centre) / half_s) ** 2 + ((n - (n_c - 0.4 * ra)) / 3.5) ** 2 <= 1) & (np.abs(lft) >= inner)
-    bar &= np.abs(lft) <= inner + length
+    bar &= np.abs(lft) <= tip
     paint(bar & (lft > 0), L.COSTAL_L)
     paint(bar & (lft < 0), L.COSTAL_R)
 
@@ -431,8 +504,9 @@ def voxel_world(affine: NDArray[np.float64], shape: tuple[int, ...]) -> NDArray[
     return idx @ affine[:3, :3].T + affine[:3, 3]
 
 
-def render_station(subject: Subject, region: str, preset: Preset, *, seed: int, index: int) -> PhantomImage:
-    """Render one station of `subject`; deterministic in (seed, index, region)."""
+def render_station(subject: Subject, region: str, preset: Preset, *, seed: int, index: int, ribs: bool = False) -> PhantomImage:
+    """Render one station of `subject`; deterministic in (seed, index, region). With `ribs`, the subject's ribs
+    are in the image (not in the references, which keep SPINEPS's labels)."""
     rng = np.random.default_rng([seed, index, 1 + L.REGIONS.index(region)])
     affine = station_affine(subject, region, preset, rng)
     na, ns, nl = preset.shape
@@ -444,7 +518,7 @@ def render_station(subject: Subject, region: str, preset: Preset, *, seed: int, 
     x_world = affine[0, 3] + affine[0, 2] * sub_k
     lft = -(x_world - subject.midline_x)
     cv = _Canvas(s, n, lft)
-    _paint_column(cv, subject)
+    _paint_column(cv, subject, ribs)
 
     centre = slice(k // 2, None, k)
     semantic = cv.semantic[:, :, centre].copy()
@@ -529,6 +603,32 @@ def inject_failure(image: NDArray[np.float32], spacing: tuple[float, float, floa
 NAKO_STATION: Final = {"cervical": "HWS", "thoracic": "BWS", "lumbar": "LWS"}
 
 
+TRUTH_FILE: Final = "truth.tsv"
+
+
+def column_truth(subject: Subject, ribs: bool) -> dict[str, object]:
+    """What a subject's column is: its vertebrae counted per region, the transitional vertebra it has (T13, L6,
+    an 11th thoracic as last, or none) and, where the images show ribs, the vertebrae carrying them and the short
+    pairs among them."""
+    names = [L.VERTEBRA_NAMES[v.level] for v in subject.vertebrae[:-1]]
+    thoracic, lumbar = sum(n.startswith("T") for n in names), sum(n.startswith("L") for n in names)
+    transitional = "T13" if thoracic == 13 else "L6" if lumbar == 6 else "T11" if thoracic == 11 else ""
+    pairs = dict(subject.ribs) if ribs else {}
+    return {"cervical": sum(n.startswith("C") for n in names) + 1, "thoracic": thoracic, "lumbar": lumbar,  # C1 is not drawn
+            "transitional": transitional, "rib_pairs": " ".join(L.VERTEBRA_NAMES[k] for k in pairs),
+            "short_ribs": " ".join(L.VERTEBRA_NAMES[k] for k, shaft in pairs.items() if shaft < RIB_SHAFT_MM["full"])}  # fmt: skip
+
+
+def _merge_truth(path: Path, new: pd.DataFrame) -> pd.DataFrame:
+    """The truth table with `new`'s subjects replacing their earlier rows (a cohort grows by --first-index)."""
+    import pandas as pd
+
+    if not path.is_file():
+        return new
+    old = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    return pd.concat([old[~old.subject.isin(new.subject)], new.astype(str)], ignore_index=True).sort_values("subject")
+
+
 def station_stem(index: int, region: str) -> str:
     """BIDS file stem (= image_id) of phantom subject `index`'s station in `region`."""
     return f"sub-phantom{index:04d}_acq-sag_chunk-{NAKO_STATION[region]}"
@@ -565,6 +665,9 @@ def write_cohort(
     motion_mm: float = 0.0,
     motion_deg: float = 0.0,
     failures: float = 0.0,
+    ribs: bool = False,
+    rudimentary_t12: float = 0.0,
+    lumbar_ribs: float = 0.0,
 ) -> Path:
     """Render a cohort as a NAKO-style BIDS tree with references and a manifest.
 
@@ -575,7 +678,8 @@ def write_cohort(
     `motion_deg`, each station is moved by its own rigid `station_motion` (the patient moved between stations).
     With `failures` (a fraction), each station has that chance of an injected acquisition failure (`FAILURES`,
     kind and severity drawn per station); ``injected_failures.tsv`` lists every image's (none, 0 if clean).
-    Returns the manifest path.
+    With `ribs`, the images show the subjects' ribs (`make_subject`'s rates). ``truth.tsv`` names every subject's
+    column (`column_truth`). Returns the manifest path.
     """
     import pandas as pd
 
@@ -593,14 +697,17 @@ def write_cohort(
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):
         raise PermissionError(f"output folder {out} is not writable")
-    if not 0.0 <= failures <= 1.0:
-        raise ValueError(f"failure fraction must lie in [0, 1], got {failures}")
+    for name, rate in (("failure fraction", failures), ("rudimentary 12th rib rate", rudimentary_t12), ("lumbar rib rate", lumbar_ribs)):
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {rate}")
     raw, ref = out / "rawdata", out / "derivatives" / "reference"
     injected: list[dict[str, object]] = []
+    truth: list[dict[str, object]] = []
     for index in range(first_index, first_index + subjects):
-        subject = make_subject(seed, index, anomaly=anomaly)
+        subject = make_subject(seed, index, anomaly=anomaly, rudimentary_t12=rudimentary_t12, lumbar_ribs=lumbar_ribs)
+        truth.append({"subject": f"phantom{index:04d}", **column_truth(subject, ribs)})
         for region in L.REGIONS:
-            ph = render_station(subject, region, PRESETS[preset], seed=seed, index=index)
+            ph = render_station(subject, region, PRESETS[preset], seed=seed, index=index, ribs=ribs)
             if motion_mm or motion_deg:
                 rng = np.random.default_rng([seed, index, 10 + L.REGIONS.index(region)])
                 moved = station_motion(ph.image.shape, ph.affine, shift_mm=motion_mm, rotation_deg=motion_deg, rng=rng)
@@ -622,6 +729,7 @@ def write_cohort(
                                 title=f"{stem} ({region}, preset {preset}, seed {seed})")
     if failures:
         io.write_tsv(out / FAILURES_FILE, pd.DataFrame(injected))
+    io.write_tsv(out / TRUTH_FILE, _merge_truth(out / TRUTH_FILE, pd.DataFrame(truth)))
     manifest_path = out / "cohort.tsv"
     rows = cohort.manifest_from_bids(raw, references=ref)
     previous = cohort.read_manifest(manifest_path) if manifest_path.is_file() else None
