@@ -113,9 +113,17 @@ def write_qc(out: Path, images: pd.DataFrame, levels: list[Path], semantic: list
     snapshots = {r.image_id: os.path.relpath(Path(r.folder) / layout.derivative_name(r.image_id, *layout.SNAPSHOT), out)
                  for r in images.itertuples()}
     with io.atomic_path(out / layout.QC_REVIEW) as tmp:
-        tmp.write_text(review_page(table, snapshots, review_images, notice=notice, decisions=review, key=str(out.resolve()),
+        tmp.write_text(review_page(table, snapshots, review_images, notice=notice, decisions=review, key=cohort_key(table.image_id),
                                    check=check))
     return table
+
+
+def cohort_key(image_ids: pd.Series) -> str:
+    """The review page's key for the decisions a browser keeps: its cohort's images (not the folder's path, so a
+    rerun or a copied results folder writes the same page, byte for byte)."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(sorted(image_ids)).encode()).hexdigest()[:16]
 
 
 def write_morphometrics(out: Path, levels: list[Path], qc: pd.DataFrame, rejected: set[str], metadata: dict[bytes, bytes]) -> None:
