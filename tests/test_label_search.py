@@ -11,7 +11,18 @@ import itertools
 import numpy as np
 import pytest
 
-from spinecohort.label_search import GROUP_SIZES, Moves, class_names, ids_from_path, path_cost, scores, search
+from spinecohort.label_search import (
+    GROUP_SIZES,
+    Moves,
+    class_names,
+    ids_from_path,
+    ids_from_states,
+    path_cost,
+    scores,
+    search,
+    search_states,
+    states,
+)
 from spinecohort.labels import VERTEBRA_IDS
 
 EXACT_NAMES = class_names(26)
@@ -128,6 +139,39 @@ def test_the_search_finds_the_minimum_that_brute_force_finds(axis_heads, enforce
         costs = [path_cost(s, q) for q in all_paths(n, moves)]
         assert cost == pytest.approx(min(costs), abs=1e-12)
         assert path_cost(s, path) == pytest.approx(cost, abs=1e-12)
+
+
+@pytest.mark.parametrize("axis_heads", [(), ("REGION", "VERTEX", "VERTREL", "FULLYVISIBLE")], ids=["24", "26"])
+def test_the_joint_searchs_constraints_give_the_minimum_of_the_paths_that_keep_them(axis_heads):
+    """`last` (the vertebra on the sacrum ends the lumbar spine) and `blocked` states (an anchor, a margin's
+    alternative): the search's cost is brute force's minimum over the allowed paths that keep both."""
+    rng = np.random.default_rng(11)
+    for _ in range(40):
+        n = int(rng.integers(3, 7))
+        first = int(rng.integers(14, 20))
+        p = posteriors(EXACT_NAMES[first : first + n], mass=0.4, heads=axis_heads)
+        s = scores({h: v * rng.uniform(0.2, 1.0, v.shape) for h, v in p.items()})
+        moves = Moves(s.axis)
+        best, _ = search_states(s, moves)
+        last = {class_names(s.axis).index("L5")}
+        blocked = {best[int(rng.integers(n))]}
+        kept = [q for q in all_paths(n, moves) if q[-1] in last and not blocked & set(states(q))]
+        if not kept:
+            continue
+        found, cost = search_states(s, moves, last=last, blocked=blocked)
+        assert cost == pytest.approx(min(path_cost(s, q) for q in kept), abs=1e-12)
+        assert found[-1][1] in last and not blocked & set(found)
+
+
+def test_an_open_top_lets_a_station_that_starts_below_t12_name_its_t13():
+    """A lumbar field whose top vertebra is a T13 (its T12 above the field): SPINEPS's moves can only call it T12;
+    with `open_top` the T13 head names it, and its ids run T13, L1 ... L5."""
+    column = ["T13", "L1", "L2", "L3", "L4", "L5"]
+    s = scores(posteriors(column, heads=("REGION", "VERT", "VERTREL", "VERTT13", "FULLYVISIBLE")))
+    closed = ids_from_path(search(s, Moves(24))[0], 24)
+    opened = ids_from_states(search_states(s, Moves(24, open_top=True))[0], 24)
+    assert [VERTEBRA_IDS[n] for n in column] == opened != closed
+    assert closed[0] == VERTEBRA_IDS["T12"]
 
 
 def test_three_vertebrae_that_look_like_t12_get_t12_t13_and_l1_at_most():

@@ -75,7 +75,7 @@ def labeled_run(demo_local_run: Path, spineps_models: Path, tmp_path_factory: py
     shutil.copytree(demo_local_run, results)
     overlay = results.parent / "labeling.yaml"
     overlay.write_text("semantic_model: {path: t2w, folds: [0, 1, 2]}\ninstance_model: {path: instance}\n"
-                       "labeling_model: {path: t2w_labeling, enforce_12_thoracic: false}\n")  # fmt: skip
+                       "labeling_model: {path: t2w_labeling, enforce_12_thoracic: false, per_station: true}\n")  # fmt: skip
     proc = subprocess.run(["snakemake", "--cores", "2", "--configfile", "config/config.yaml", overlay, "--config", f"results={results}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=1500,
                           env={**os.environ, MODELS_VARIABLE: str(spineps_models)})  # fmt: skip

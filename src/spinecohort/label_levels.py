@@ -30,16 +30,19 @@ if TYPE_CHECKING:
 
 
 def label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path], derivatives: Path, provenance: Path,
-                 whole_spine: bool = False, labeling: Sequence[Path] = ()) -> None:
+                 whole_spine: bool = False, labeling: Sequence[Path] = (), per_station: bool = False,
+                 enforce_12_thoracic: bool = False) -> None:
     """Subject-level ids (`subject_levels`) for the stations of a subject group: each station's vertebra mask with
     those ids, its provenance sidecar, its snapshot, and `layout.SUBJECT_LEVELS`; the masks restore numbered by
     station stay in its folder. With `whole_spine`, each subject's stations that carry levels also as one stitched
     semantic and instance mask and snapshot (`stitch`). With `labeling` (the label-vertebrae folders of the group's
-    batches), the labelling model's ids where it named a station (`labeling.apply_model`)."""
+    batches), one labelling model search per subject over its linked stations (`joint_labeling`), or with
+    `per_station` the model's own ids of each station (`labeling.apply_model`, SPINEPS's answer)."""
     from . import provenance as prov
     from .centroids import poi_json
     from .cohort_qc import image_measures, level_volumes
-    from .labeling import apply_model, read_labeling
+    from .joint_labeling import apply_joint
+    from .labeling import apply_model, model_ids, model_posteriors, read_labeling_tables
     from .morphometrics import STATION_COLUMNS, measure
     from .pipeline import _image_folders, _level_names, _publish, group_rows, ledger_facts, run_stage, upstream_failures
     from .qc import snapshot_png
@@ -50,7 +53,8 @@ def label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path], 
     folder_of = _image_folders(restore)
     own = {i: m for folder in restore for i, m in ledger_facts(folder, "numbering").items()}
     failed = upstream_failures(restore)
-    named = read_labeling(list(labeling))
+    table = read_labeling_tables(labeling)
+    named, posteriors = model_ids(table), model_posteriors(table)
     for image_id in set(rows.image_id) - set(folder_of):
         failed[image_id] = "restored by none of the given restore folders"
     # A subject's stations one after the other, top to bottom, so that each subject's masks are read once.
@@ -80,7 +84,10 @@ def label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path], 
                 stations.append(station_vertebrae(instance, semantic, affine, image_id=r.image_id, region=r.region,
                                                   mode=own[r.image_id]))
             subjects[subject, session] = result = label_subject(stations)
-            apply_model(result, stations, named)
+            if per_station:
+                apply_model(result, stations, named)
+            else:
+                apply_joint(result, stations, posteriors, enforce_12_thoracic=enforce_12_thoracic)
             joined = ""
             if whole_spine and result.whole_spine:
                 joined = _stitch_subject(out, subject, session, everyone, result, masks, derivatives)
@@ -116,7 +123,8 @@ def label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path], 
                                                                                           station=row.region))  # fmt: skip
             except Exception as exc:  # a measurement never costs an image its masks; the log says which has none
                 log.warning("%s: no measurements: %s: %s", row.image_id, type(exc).__name__, exc)
-        return {"message": result.reasons[row.image_id], "numbering": mode, "station_numbering": own[row.image_id],
+        margin = {"label_margin": f"{result.margins[row.image_id]:.4f}"} if row.image_id in result.margins else {}
+        return {"message": result.reasons[row.image_id], "numbering": mode, "station_numbering": own[row.image_id], **margin,
                 "region": row.region, **{k: f"{v:g}" for k, v in measures.items()}}
 
     run_stage(layout.ledger_stage("label-levels"), rows, out, work, failed_before=failed)

@@ -13,6 +13,7 @@ edge, so the minimum is exact. Two more upstream defects are fixed: enforcing 12
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -152,6 +153,9 @@ class Moves:
     axis: Axis
     enforce_12_thoracic: bool = False
     first_class: int = C2  # C1 only where the semantic model segments C1
+    # The top vertebra may itself be a repeat (T13, L6 on the 24-class axis), its T12 or L5 above the field: a
+    # station that starts below T12 cannot name its own T13 otherwise. SPINEPS's moves do not allow it.
+    open_top: bool = False
 
     def repeatable(self, c: int) -> bool:
         """May a second vertebra take class `c` (24-class axis: T12 -> T13, L5 -> L6)?"""
@@ -202,19 +206,39 @@ def path_cost(s: Scores, path: list[int]) -> float:
     )
 
 
-def search(s: Scores, moves: Moves) -> tuple[list[int], float]:
-    """The class path of least cost (one class per vertebra, top first) and its cost.
+State = tuple[int, int, int]  # (vertebra, class, run): run 1 is a repeated class (T13 or L6 on the 24-class axis)
+
+
+def states(path: list[int]) -> list[State]:
+    """The search states of a class path: (vertebra, class, run)."""
+    return [(r, c, int(r > 0 and path[r - 1] == c)) for r, c in enumerate(path)]
+
+
+def search(s: Scores, moves: Moves, *, last: Collection[int] | None = None, blocked: Collection[State] = ()) -> tuple[list[int], float]:
+    """The class path of least cost (one class per vertebra, top first) and its cost (`search_states`)."""
+    found, cost = search_states(s, moves, last=last, blocked=blocked)
+    return [c for _, c, _ in found], cost
+
+
+def search_states(s: Scores, moves: Moves, *, last: Collection[int] | None = None, blocked: Collection[State] = ()) -> tuple[list[State], float]:
+    """The states of the path of least cost (one per vertebra, top first) and its cost.
 
     State (class, run): the vertebra's class and how many vertebrae in a row hold it (a repeat is allowed once).
+    `last`: the classes the last vertebra may take (every one if None); `blocked`: states no path may pass.
     Ties go to the lower class, as in SPINEPS. Raises ValueError when no path fits (more vertebrae than classes).
     """
     n, k = s.score.shape
     inf = float("inf")
     best = np.full((n, k, 2), inf)
     back = np.zeros((n, k, 2, 2), dtype=int)
+    closed = np.zeros((n, k, 2), dtype=bool)
+    for state in blocked:
+        closed[state] = True
     for c in range(k):
-        if moves.allowed(c):
+        if moves.allowed(c) and not closed[0, c, 0]:
             best[0, c, 0] = node_cost(s, 0, c)
+        if moves.open_top and moves.allowed(c) and moves.repeatable(c) and not closed[0, c, 1]:
+            best[0, c, 1] = node_cost(s, 0, c) - (s.t13_bonus[0] if c == T12 else 0.0)
     for r in range(n - 1):
         for c in range(k):
             for run in (0, 1):
@@ -225,29 +249,31 @@ def search(s: Scores, moves: Moves) -> tuple[list[int], float]:
                 if run == 0 and moves.repeatable(c):
                     steps.append((c, 1))
                 for d, next_run in steps:
+                    if closed[r + 1, d, next_run]:
+                        continue
                     total = here + edge_cost(s, r, c, d) + node_cost(s, r + 1, d)
                     if total < best[r + 1, d, next_run]:
                         best[r + 1, d, next_run] = total
                         back[r + 1, d, next_run] = (c, run)
-    end = np.unravel_index(np.argmin(best[-1]), best[-1].shape)
-    cost = float(best[-1][end])
+    final = best[-1] if last is None else np.where(np.isin(np.arange(k), list(last))[:, None], best[-1], inf)
+    end = np.unravel_index(np.argmin(final), final.shape)
+    cost = float(final[end])
     if cost == inf:
         raise ValueError(f"{n} vertebrae do not fit one column of {k} classes")
     c, run = int(end[0]), int(end[1])
-    path = [c]
+    path = [(n - 1, c, run)]
     for r in range(n - 1, 0, -1):
         c, run = (int(v) for v in back[r, c, run])
-        path.append(c)
+        path.append((r - 1, c, run))
     return path[::-1], cost
 
 
 def ids_from_path(path: list[int], axis: Axis) -> list[int]:
     """SPINEPS instance ids of a class path: a second T12 is T13 (28), a second L5 is L6 (25)."""
+    return ids_from_states(states(path), axis)
+
+
+def ids_from_states(path: list[State], axis: Axis) -> list[int]:
+    """SPINEPS instance ids of a path's states: a repeated T12 is T13 (28), a repeated L5 is L6 (25)."""
     names = class_names(axis)
-    out = []
-    for r, c in enumerate(path):
-        name = names[c]
-        if r > 0 and path[r - 1] == c:
-            name = {"T12": "T13", "L5": "L6"}[name]
-        out.append(VERTEBRA_IDS[name])
-    return out
+    return [VERTEBRA_IDS[{"T12": "T13", "L5": "L6"}[names[c]] if run else names[c]] for _, c, run in path]

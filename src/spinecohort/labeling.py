@@ -18,6 +18,7 @@ posteriors; the ledger carries the station's levels. `label_levels` decides what
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -179,16 +180,28 @@ def labeling_rows(image_id: str, result: StationLabels) -> pd.DataFrame:
     return table
 
 
-def read_labeling(folders: list[Path]) -> dict[str, dict[int, int]]:
-    """image_id -> {restore id: the model's id}, from the stage folders' tables."""
-    out: dict[str, dict[int, int]] = {}
-    for folder in folders:
-        path = folder / layout.LABELING_TABLE
-        if path.exists() and path.stat().st_size:
-            table = pd.read_csv(path, sep="\t", usecols=["image_id", "vertebra", "level_id"], dtype={"image_id": str})
-            for image_id, rows in table.groupby("image_id", sort=False):
-                out[str(image_id)] = dict(zip(rows.vertebra.astype(int), rows.level_id.astype(int)))
-    return out
+def read_labeling_tables(folders: Sequence[Path]) -> pd.DataFrame:
+    """The stage folders' tables (`layout.LABELING_TABLE`) as one."""
+    tables = [pd.read_csv(path, sep="\t", dtype={"image_id": str}) for folder in folders
+              if (path := folder / layout.LABELING_TABLE).exists() and path.stat().st_size]  # fmt: skip
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["image_id", "vertebra", "level_id", "level"])
+
+
+def model_ids(table: pd.DataFrame) -> dict[str, dict[int, int]]:
+    """image_id -> {restore id: the model's id}."""
+    return {str(i): dict(zip(rows.vertebra.astype(int), rows.level_id.astype(int))) for i, rows in table.groupby("image_id", sort=False)}
+
+
+Posteriors = dict[int, dict[str, NDArray[np.float64]]]  # restore id -> head -> its posteriors
+
+
+def model_posteriors(table: pd.DataFrame) -> dict[str, Posteriors]:
+    """image_id -> {restore id: {head: posteriors}}, from the table's <HEAD>_<class> columns (in class order)."""
+    heads: dict[str, list[str]] = {}
+    for column in table.columns[4:]:
+        heads.setdefault(column.split("_", 1)[0], []).append(column)
+    return {str(i): {int(v): {h: row[c].to_numpy(np.float64) for h, c in heads.items()} for v, row in rows.set_index("vertebra").iterrows()}
+            for i, rows in table.groupby("image_id", sort=False)}  # fmt: skip
 
 
 def label_vertebrae(*, manifest: Path, batch: str, out: Path, threads: int, restore: Path, model: Path, device: str,
@@ -240,9 +253,6 @@ def apply_model(result, stations, named: dict[str, dict[int, int]]) -> None:
     A disagreement with the links or anchors is recorded as the station's reason; the subject's whole-spine
     stitching (which joins stations by their links) is then dropped, with a note, rather than built from ids that
     the links contradict."""
-    from .labels import level_sequence
-
-    column = level_sequence(first="C1", thoracic=13, lumbar=6)
     for s in stations:
         model = named.get(s.image_id)
         if model is None:
@@ -255,19 +265,26 @@ def apply_model(result, stations, named: dict[str, dict[int, int]]) -> None:
         after = [model[k] for k in s.ids]
         mode = result.modes[s.image_id]
         if mode != "count" and before != after:
-            result.reasons[s.image_id] = (f"labelling model {_span(after)} and {mode} numbering {_span(before)} differ: "
+            result.reasons[s.image_id] = (f"labelling model {level_span(after)} and {mode} numbering {level_span(before)} differ: "
                                           "the model's ids stand")
             if s.image_id in result.whole_spine:
                 result.whole_spine = {}
                 result.note = "; ".join(filter(None, [result.note, "not stitched: a labelling model's ids contradict the links"]))
         else:
             result.reasons[s.image_id] = ""
-        top = after[0]
-        above = column[max(column.index(top) - 1, 0)] if top not in (28, 20) else 19  # T13 and L1 follow T12
-        result.maps[s.image_id] = {s.before_top: above, **model}
+        result.maps[s.image_id] = {s.before_top: level_above(after[0]), **model}
         result.modes[s.image_id] = "model"
         result.levels[s.image_id] = after
 
 
-def _span(ids: list[int]) -> str:
+def level_above(top: int) -> int:
+    """The level above a vertebra (T12 above T13 and above L1): its top IVD and endplate carry it."""
+    from .labels import VERTEBRA_IDS, level_sequence
+
+    column = level_sequence(first="C1", thoracic=13, lumbar=6)
+    return VERTEBRA_IDS["T12"] if top in (VERTEBRA_IDS["T13"], VERTEBRA_IDS["L1"]) else column[max(column.index(top) - 1, 0)]
+
+
+def level_span(ids: list[int]) -> str:
+    """`T11-L5`: a station's levels, first to last."""
     return f"{VERTEBRA_NAMES[ids[0]]}-{VERTEBRA_NAMES[ids[-1]]}" if ids else "none"

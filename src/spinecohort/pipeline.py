@@ -392,6 +392,7 @@ def _option(*flags: str, **kwargs: Any) -> tuple[tuple[str, ...], dict[str, Any]
 _MODEL = _option("--model", type=model_folder, required=True, help="model folder or its inference_config.json")
 _DEVICE = _option("--device", default="auto", help=DEVICE_HELP)
 _PROVENANCE = _option("--provenance", type=Path, required=True, help=f"the run's {layout.PROVENANCE} (spinecohort describe)")
+_ENFORCE_12 = _option("--enforce-12-thoracic", action="store_true", help="no T13, no 11-thoracic column (SPINEPS's option)")
 _BATCH_OPTIONS = (
     _option("--manifest", type=Path, required=True, help="cohort manifest TSV"),
     _option("--batch", required=True, help="batch id, e.g. b0001"),
@@ -426,12 +427,14 @@ STAGE_COMMANDS: dict[str, tuple[Callable[..., None], str, tuple[tuple[tuple[str,
     "label-vertebrae": (label_vertebrae, "a SPINEPS labelling model names every vertebra of each restored station", (
         _option("--restore", type=Path, required=True, help="the batch's restore folder"),
         _option("--model", type=Path, required=True, help="SPINEPS labelling model folder (inference_config.json, *valf1-weights.ckpt)"),
-        _DEVICE, _option("--enforce-12-thoracic", action="store_true", help="no T13, no 11-thoracic column (SPINEPS's option)"))),
+        _DEVICE, _ENFORCE_12)),
     "label-levels": (label_levels, "subject-level vertebra ids across a subject group's stations, snapshots", (
         _option("--restore", type=Path, nargs="+", required=True, help="the restore folders of every batch holding the group's stations"),
         _option("--derivatives", type=Path, required=True, help="BIDS derivatives root"), _PROVENANCE,
         _option("--whole-spine", action="store_true", help="also each subject's stitched whole-spine masks and snapshot"),
-        _option("--labeling", type=Path, nargs="*", default=[], help="the label-vertebrae folders of those batches (a labelling model's ids)"))),
+        _option("--labeling", type=Path, nargs="*", default=[], help="the label-vertebrae folders of those batches (a labelling model's ids)"),
+        _option("--per-station", action="store_true", help="each station keeps its labelling model's own ids (SPINEPS), not one search per subject"),
+        _ENFORCE_12)),
     "score": (_score, "DSC and ASSD per structure against the manifest's reference masks", (
         _option("--input", type=Path, required=True, help="the batch's restore folder (its semantic masks)"),
         _option("--levels", type=Path, nargs="+", required=True, help="the label-levels folders holding the batch's vertebra masks"),

@@ -224,6 +224,12 @@ class SubjectLevels:
     # The stations that carry levels from one C2 anchor (two or more), each with the world shift that undoes
     # the patient's motion against the top one: what `stitch` joins into one whole-spine mask.
     whole_spine: dict[str, NDArray[np.float64]] = field(default_factory=dict)
+    # The linked components, top first: per station its first vertebra's position in the component's column (the
+    # component's first station's first vertebra is 0); and per station the world shift that undoes its motion
+    # against its component's first station. Every station is in one (alone where nothing links it).
+    components: list[dict[str, int]] = field(default_factory=list)
+    shifts: dict[str, NDArray[np.float64]] = field(default_factory=dict)
+    margins: dict[str, float] = field(default_factory=dict)  # image_id -> the labelling search's margin (`joint_labeling`)
 
 
 def label_subject(stations: Sequence[Station]) -> SubjectLevels:
@@ -234,6 +240,9 @@ def label_subject(stations: Sequence[Station]) -> SubjectLevels:
         out.note = "two stations of one region: not linked"
     elif len(chain) > 1:
         _number_chain(out, chain)
+    if not out.components:
+        out.components = [{s.image_id: 0} for s in chain]
+        out.shifts = {s.image_id: np.zeros(3) for s in chain}
     out.levels = {s.image_id: [out.maps.get(s.image_id, {}).get(k, k) for k in s.ids] for s in chain}
     return out
 
@@ -254,6 +263,7 @@ def _number_chain(out: SubjectLevels, chain: list[Station]) -> None:
         else:
             components[-1][lower.image_id] = components[-1][upper.image_id] + found.offset
             shifts[lower.image_id] = shifts[upper.image_id] - np.array(found.shift)
+    out.components, out.shifts = components, shifts
     by_id = {s.image_id: s for s in chain}
     for comp in components:
         members = [by_id[i] for i in comp]

@@ -85,6 +85,12 @@ if LABELING_MODEL and Path(LABELING_MODEL).exists():
     labeling_net.read_labeling_config(
         LABELING_MODEL
     )  # a broken folder stops the run at start-up
+# How label-levels uses the model's answers (nothing without a model, so that these settings alone rerun nothing).
+LABEL_LEVELS_FLAGS = " ".join(
+    f"--{key.replace('_', '-')}"
+    for key in ("per_station", "enforce_12_thoracic")
+    if LABELING_MODEL and config["labeling_model"][key]
+)
 
 
 @functools.cache

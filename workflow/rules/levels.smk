@@ -28,10 +28,11 @@ rule label_levels:
         members=get_group_members,
         derivatives=DERIVATIVES,
         whole_spine="--whole-spine" if config["whole_spine"] else "",
+        labeling=LABEL_LEVELS_FLAGS,
     shell:
         "spinecohort label-levels --manifest {input.manifest} --batch {wildcards.batch}"
         " --restore {input.restore} --derivatives {params.derivatives} --provenance {input.provenance}"
-        " {params.whole_spine} --labeling {input.labeling} --out {output} &> {log}"
+        " {params.whole_spine} --labeling {input.labeling} {params.labeling} --out {output} &> {log}"
 
 
 rule publish_derivative:
