@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="small", help="grid preset: small (coarse, fast) or nako (448x448x15)")
     p.add_argument("--seed", type=_non_negative, default=0, help="random seed (default 0)")
     p.add_argument("--first-index", type=_non_negative, default=1, help="index of the first subject (default 1)")
-    p.add_argument("--anomaly", default="none", help="none, l6, t13, t11 (transitional vertebrae) or random")
+    p.add_argument("--anomaly", default="none", help="none, l6, t13, t11 (transitional vertebrae), random or mixed (by subject index: none, t13, none, l6, t11)")
     p.add_argument("--batch-size", type=_positive, default=10, help="images per batch in the manifest")
     p.add_argument("--snapshot", action="store_true", help="also write a PNG per image")
     p.add_argument("--motion-mm", type=float, default=0.0, help="largest shift (mm) of a station against the subject")

@@ -200,11 +200,13 @@ def write_labeling_model(
     final_size: tuple[int, int, int] = DEFAULT_FINAL_SIZE,
     resolution_range: list | None = None,
     name: str = "T2w_labeling_spinecohort",
+    half: bool = False,
 ) -> Path:
     """Write `net` as a SPINEPS labelling model folder that SPINEPS 2.1.3 and `load_labeling_model` both load:
     `inference_config.json` and `checkpoints/...val_f1=...valf1-weights.ckpt`. The hyper-parameters are an
     `argparse.Namespace` (a standard-library class, so SPINEPS's Lightning loader needs none of ours); only the
-    two released DenseNet layouts can be written, as only those are what SPINEPS rebuilds."""
+    two released DenseNet layouts can be written, as only those are what SPINEPS rebuilds. `half` stores the
+    floating-point tensors as float16 (half the size; both loaders cast them back into the float32 network)."""
     import argparse
 
     shape = architecture(net.state_dict())
@@ -220,10 +222,11 @@ def write_labeling_model(
               "model_expected_orientation": ["P", "I", "R"], "available_folds": 1, "inference_augmentation": False,
               "resolution_range": resolution_range or [[0.75, 0.75, 1.65], [1.0, 1.0, 4.0]], "default_step_size": 0.5,
               "labels": {}, "expected_inputs": ["img"]}  # fmt: skip
-    (folder / "inference_config.json").write_text(json.dumps(config, indent=1) + "\n")
     checkpoint = folder / "checkpoints" / "epoch=0-val_f1=0.0000_valf1-weights.ckpt"
-    torch.save({"state_dict": net.state_dict(), "hyper_parameters": {"opt": opt, "group_2_n_channel": heads},
+    state = {k: v.half() if half and v.is_floating_point() else v for k, v in net.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": {"opt": opt, "group_2_n_channel": heads},
                 "pytorch-lightning_version": "2.6.6", "epoch": 0, "global_step": 0}, checkpoint)  # fmt: skip
+    (folder / "inference_config.json").write_text(json.dumps(config, indent=1) + "\n")  # last: the folder is complete
     return checkpoint
 
 

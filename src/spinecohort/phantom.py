@@ -150,21 +150,24 @@ def _dims(names: list[str]) -> NDArray[np.float64]:
 
 
 ANOMALIES: Final = ("none", "l6", "t13", "t11")
+MIXED: Final = ("none", "t13", "none", "l6", "t11")  # anomaly "mixed": by subject index, two normal columns in five
 
 
 def make_subject(seed: int, index: int, *, anomaly: str = "none", rudimentary_t12: float = 0.0, lumbar_ribs: float = 0.0) -> Subject:
     """Draw one subject's anatomy; deterministic in (seed, index).
 
     `anomaly`: "none", "l6" (six lumbar vertebrae), "t13" (thirteen thoracic), "t11" (eleven thoracic)
-    or "random" (none 1/2, l6 and t13 1/4 each). Ribs (`rib_pairs`): every thoracic vertebra carries a pair, the
+    or "random" (none 1/2, l6 and t13 1/4 each), or "mixed" (`MIXED` by the subject's index). Ribs (`rib_pairs`): every thoracic vertebra carries a pair, the
     13th a short one; with the chances `rudimentary_t12` the 12th pair is rudimentary and `lumbar_ribs` L1 carries
     a short pair (drawn from their own stream: the column is the same whatever the rates).
     """
     rng = np.random.default_rng([seed, index, 0])
     if anomaly == "random":
         anomaly = str(rng.choice(["none", "none", "l6", "t13"]))
+    elif anomaly == "mixed":
+        anomaly = MIXED[index % len(MIXED)]
     if anomaly not in ANOMALIES:
-        raise ValueError(f"unknown anomaly {anomaly!r}; expected one of {', '.join(ANOMALIES)} or random")
+        raise ValueError(f"unknown anomaly {anomaly!r}; expected one of {', '.join(ANOMALIES)} random or mixed")
     thoracic = {"t13": 13, "t11": 11}.get(anomaly, 12)
     ids = L.level_sequence(first="C2", thoracic=thoracic, lumbar=6 if anomaly == "l6" else 5)
     names = [L.VERTEBRA_NAMES[i] for i in ids]
@@ -691,8 +694,8 @@ def write_cohort(
         raise ValueError(f"first subject index must be non-negative, got {first_index}")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    if anomaly not in (*ANOMALIES, "random"):
-        raise ValueError(f"unknown anomaly {anomaly!r}; expected one of {', '.join(ANOMALIES)} or random")
+    if anomaly not in (*ANOMALIES, "random", "mixed"):
+        raise ValueError(f"unknown anomaly {anomaly!r}; expected one of {', '.join(ANOMALIES)}, random or mixed")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):

@@ -376,6 +376,21 @@ def _instance(args: argparse.Namespace) -> None:
                           lr=tuple(args.lr), final_loss=losses[-1])
 
 
+def _labeling(args: argparse.Namespace) -> None:
+    import torch
+
+    from .labeling_training import export_labeling_model, head_accuracy, train_labeling_network, training_examples
+
+    torch.set_num_threads(args.threads)
+    table = read_training_manifest(args.manifest, ["reference_semantic", "reference_instance"])
+    examples = training_examples(table, size=tuple(args.cutout), resolution=args.resolution_range)
+    log.info("%d training cutouts from %d references", len(examples), len(table))
+    net, losses = train_labeling_network(examples, epochs=args.epochs, batch_size=args.batch_size, lr=tuple(args.lr),
+                                         backbone=args.backbone, seed=args.seed, device=args.device)  # fmt: skip
+    log.info("training cutouts named right per head: %s", ", ".join(f"{h} {v:.3f}" for h, v in head_accuracy(net, examples).items()))
+    export_labeling_model(net, args.out, size=tuple(args.cutout), resolution=args.resolution_range, name=args.name)
+
+
 def add_training_parsers(sub: argparse._SubParsersAction) -> None:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--root", type=Path, required=True, help="training folder (holds nnUNet_raw/_preprocessed/_results)")
@@ -440,3 +455,18 @@ def add_training_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default %(default)s)")
     p.add_argument("--name", default="spinecohort_instance", help="log_name in inference_config.json (default %(default)s)")
     p.set_defaults(handler=_instance)
+    p = sub.add_parser("train-labeling", help="train and export a SPINEPS-format labelling model on reference vertebra cutouts")
+    p.add_argument("--manifest", type=Path, required=True, help="training manifest TSV (reference masks in every row)")
+    p.add_argument("--out", type=Path, required=True, help="model folder to write")
+    p.add_argument("--resolution-range", type=json.loads, required=True,
+                   help="JSON: the model's resolution_range, (P, I, R) mm, or a [min, max] pair of them")
+    p.add_argument("--cutout", type=int, nargs=3, required=True, help="(P, I, R) voxels: the model's final_size")
+    p.add_argument("--backbone", choices=("DENSENET121", "DENSENET169"), default="DENSENET121", help="(default %(default)s)")
+    p.add_argument("--epochs", type=int, required=True, help="epochs")
+    p.add_argument("--batch-size", type=int, default=8, help="cutouts per step (default %(default)s)")
+    p.add_argument("--lr", type=float, nargs=2, default=(1e-3, 1e-5), help="first and last epoch's learning rate")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (default %(default)s)")
+    p.add_argument("--name", default="T2w_labeling_spinecohort", help="log_name in inference_config.json (default %(default)s)")
+    p.set_defaults(handler=_labeling)

@@ -19,6 +19,13 @@ FOLD_RESULTS = (
 )
 TRAINED_SEMANTIC = TRAIN_ROOT / "models" / "semantic"
 TRAINED_INSTANCE = TRAIN_ROOT / "models" / "instance"
+LAB = TRAIN["labeling"]
+LABELING_TRAIN_MANIFEST = (
+    RESULTS / "training" / "demo_labeling_cohort" / "cohort.tsv"
+    if TRAIN["manifest"] == "demo"
+    else Path(TRAIN["manifest"])
+)
+TRAINED_LABELING = TRAIN_ROOT / "models" / "labeling"
 
 
 rule train_models:
@@ -35,6 +42,11 @@ rule train_semantic:
 rule train_instance:
     input:
         TRAINED_INSTANCE / "inference_config.json",
+
+
+rule train_labeling:
+    input:
+        TRAINED_LABELING / "inference_config.json",
 
 
 rule demo_training_cohort:
@@ -176,3 +188,46 @@ rule train_instance_model:
     shell:
         "spinecohort train-instance --manifest {input.manifest} --out {params.folder} {params.args}"
         " --augment {params.augment:q} --device {params.device} --threads {threads} &> {log}"
+
+
+rule demo_labeling_cohort:
+    """Phantoms with ribs and transitional vertebrae: what a labelling model learns levels from."""
+    output:
+        manifest=RESULTS / "training" / "demo_labeling_cohort" / "cohort.tsv",
+    log:
+        LOGS / "demo_labeling_cohort.log",
+    params:
+        demo=LAB["demo"],
+        preset=config["demo"]["preset"],
+        folder=lambda wildcards, output: Path(output.manifest).parent,
+    shell:
+        "spinecohort phantom {params.folder} --subjects {params.demo[subjects]} --seed {params.demo[seed]}"
+        " --first-index {params.demo[first_index]} --preset {params.preset} --ribs --anomaly mixed"
+        " --rudimentary-t12 {params.demo[rudimentary_t12]} --lumbar-ribs {params.demo[lumbar_ribs]} &> {log}"
+
+
+rule train_labeling_model:
+    input:
+        manifest=LABELING_TRAIN_MANIFEST,
+    output:
+        config=TRAINED_LABELING / "inference_config.json",
+    log:
+        LOGS / "train" / "labeling_model.log",
+    benchmark:
+        BENCH / "train" / "labeling_model.tsv"
+    threads: 2
+    resources:
+        gpu=1 if config["device"] != "cpu" else 0,
+        mem_mb=memory_mb(8000),
+        runtime=lambda wildcards, attempt: 60 * 24 * attempt,
+    params:
+        folder=TRAINED_LABELING,
+        resolution=json.dumps(LAB["resolution_range"]),
+        args=(
+            f"--cutout {words(LAB['cutout'])} --backbone {LAB['backbone']} --epochs {LAB['epochs']}"
+            f" --batch-size {LAB['batch_size']} --lr {words(LAB['lr'])} --seed {TRAIN['seed']} --name {LAB['model_name']}"
+        ),
+        device=config["device"],
+    shell:
+        "spinecohort train-labeling --manifest {input.manifest} --out {params.folder} {params.args}"
+        " --resolution-range {params.resolution:q} --device {params.device} --threads {threads} &> {log}"
