@@ -1,5 +1,6 @@
-"""Levels three ways against the phantoms' truth (issue 39): each station alone with a labelling model (SPINEPS's
-way), one search per subject over its linked stations (`joint_labeling`), and the links without a model.
+"""Levels against the phantoms' truth (issue 39): each station alone with a labelling model (our search, with the
+station's own anchor; and SPINEPS's per-station answer), one search per subject over its linked stations
+(`joint_labeling`), and the links without a model.
 
 A phantom cohort with ribs and transitional vertebrae (anomaly mixed: by subject none, T13, none, L6, 11 thoracic),
 each station moved by its own rigid motion, is written; every station's reference masks are numbered as the
@@ -23,13 +24,15 @@ from spinecohort import cohort, io
 from spinecohort import labels as L
 from spinecohort import subject_levels as SL
 from spinecohort.instances import vertebra_levels
-from spinecohort.joint_labeling import apply_joint
+from spinecohort.joint_labeling import apply_joint, label_column
 from spinecohort.labeling import label_station, station_cutouts, stored_type
 from spinecohort.labeling_net import load_labeling_model
 from spinecohort.phantom import TRUTH_FILE, write_cohort
 
 OWN = {"cervical": "C2", "thoracic": "count", "lumbar": "sacrum"}  # how the instance phase numbers each station alone
-WAYS = ("alone, model", "joint", "links, no model")
+# Each station alone with the model (our search: its own anchor, an open top), SPINEPS's own per-station answer,
+# one search per subject, the links without a model.
+WAYS = ("alone, model", "alone, SPINEPS's search", "joint", "links, no model")
 MIN_BODY = 10  # corpus voxels: smaller vertebrae are not kept (as the instance phase drops fragments)
 
 
@@ -71,9 +74,11 @@ def evaluate(model_folder: Path, work: Path, *, subjects: int, seed: int, first_
         apply_joint(joint, stations, posteriors)
         chained = len(stations) == 3 and all(v.offset is not None for v in links.links.values())
         for s in stations:
-            answers = {"alone, model": [alone[s.image_id].get(k) for k in s.ids], "joint": joint.levels[s.image_id],
-                       "links, no model": links.levels[s.image_id]}  # fmt: skip
-            counted = {"alone, model": False, "joint": joint.modes[s.image_id] == "count", "links, no model": links.modes[s.image_id] == "count"}
+            own = label_column([s], {s.image_id: 0}, posteriors)
+            answers = {"alone, model": own.ids[s.image_id] if own else [], "alone, SPINEPS's search": [alone[s.image_id].get(k) for k in s.ids],
+                       "joint": joint.levels[s.image_id], "links, no model": links.levels[s.image_id]}  # fmt: skip
+            counted = {"alone, model": own is None or own.undecided(s.image_id), "alone, SPINEPS's search": False, "joint": joint.modes[s.image_id] == "count",
+                       "links, no model": links.modes[s.image_id] == "count"}  # fmt: skip
             for way, ids in answers.items():
                 true = [truth[s.image_id][k] for k in s.ids]
                 claimed = [] if counted[way] else ids
@@ -81,7 +86,7 @@ def evaluate(model_folder: Path, work: Path, *, subjects: int, seed: int, first_
                              "chained": chained, "vertebrae": len(true), "right": sum(a == b for a, b in zip(claimed, true)),
                              "wrong": sum(a != b for a, b in zip(claimed, true)),
                              "transitional_named": any(k in (L.VERTEBRA_IDS["T13"], L.VERTEBRA_IDS["L6"]) for k in claimed),
-                             "margin": joint.margins.get(s.image_id, np.nan) if way == "joint" else np.nan})  # fmt: skip
+                             "margin": {"joint": joint.margins.get(s.image_id, np.nan), "alone, model": own.margins[s.image_id] if own else np.nan}.get(way, np.nan)})  # fmt: skip
     return pd.DataFrame(rows)
 
 

@@ -31,6 +31,11 @@ from .labeling import Posteriors, level_above, level_span
 from .subject_levels import Station, SubjectLevels
 
 CUT_VIEW_WEIGHT: Final = 0.05  # a view the model calls cut still counts, a little (two cut views: their mean)
+# A column without both anchors (C2 and the sacrum) has no count to tell a T13 from a T12, an L6 from an L5: there, a
+# station whose margin is below this is counted, not named. Calibrated on the demo labelling model: the smallest
+# margin above every contradicted claim of an unanchored column, alone or linked, in 40 phantom subjects (seed 501;
+# docs/labeling.md).
+MIN_MARGIN: Final = 0.55
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,10 @@ class ColumnLabels:
     column: list[int]  # every node's id, top first
     anchored: bool  # C2 and the sacrum both in the column: its count is the subject's
     cost: float
+
+    def undecided(self, image_id: str) -> bool:
+        """Does the evidence leave this station's levels open (no count from C2 to the sacrum, a small margin)?"""
+        return not self.anchored and self.margins[image_id] < MIN_MARGIN
 
 
 def combine(views: Sequence[dict[str, NDArray[np.float64]]], heads: dict[str, int]) -> dict[str, NDArray[np.float64]]:
@@ -129,18 +138,25 @@ def apply_joint(result: SubjectLevels, stations: Sequence[Station], posteriors: 
         if column is None:
             continue
         for s in members:
+            result.margins[s.image_id] = column.margins[s.image_id]
+            if column.undecided(s.image_id):  # counted: a count claims no level
+                result.maps[s.image_id] = dict(zip((s.before_top, *s.ids), range(1, len(s) + 2)))
+                result.modes[s.image_id], result.levels[s.image_id] = "count", list(range(2, len(s) + 2))
+                result.reasons[s.image_id] = (f"the labelling model's column has no count from C2 to the sacrum and its levels here are not "
+                                              f"clear (margin {column.margins[s.image_id]:.2f} < {MIN_MARGIN}): counted")  # fmt: skip
+                continue
             before, after, mode = result.levels[s.image_id], column.ids[s.image_id], result.modes[s.image_id]
             result.reasons[s.image_id] = (f"labelling model {level_span(after)} and {mode} numbering {level_span(before)} differ: the model's ids stand"
                                           if mode != "count" and before != after else "")  # fmt: skip
             result.maps[s.image_id] = {s.before_top: column.above[s.image_id], **dict(zip(s.ids, after))}
             result.modes[s.image_id], result.levels[s.image_id] = "model", after
-            result.margins[s.image_id] = column.margins[s.image_id]
         if column.anchored:
             result.vertebrae = len(column.column)
             result.thoracic, result.lumbar, unusual = column_facts(column.column)
             result.note = f"{result.vertebrae} vertebrae from C2 to the sacrum" + (f": {unusual} (labelling model)" if unusual else "")
-        if len(members) > 1 and len(members) > len(stitched):
-            stitched = [s.image_id for s in members]
+        named = [s.image_id for s in members if result.modes[s.image_id] == "model"]
+        if len(named) > 1 and len(named) > len(stitched):
+            stitched = named
     if stitched:
         top = result.shifts[stitched[0]]
         result.whole_spine = {i: result.shifts[i] - top for i in stitched}
