@@ -79,7 +79,11 @@ INSTANCE_MODEL = (
 LABELING_MODEL = (
     None
     if config["labeling_model"]["path"] == "none"
-    else model_names.resolve(config["labeling_model"]["path"], "labeling")
+    else (
+        DEMO_MODELS / "labeling"
+        if config["labeling_model"]["path"] == "demo"
+        else model_names.resolve(config["labeling_model"]["path"], "labeling")
+    )
 )
 if LABELING_MODEL and Path(LABELING_MODEL).exists():
     labeling_net.read_labeling_config(

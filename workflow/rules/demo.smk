@@ -12,7 +12,8 @@ rule demo_cohort:
         seed=config["demo"]["seed"],
         preset=config["demo"]["preset"],
         batch_size=config["batch_size"],
+        ribs="--ribs" if config["demo"]["ribs"] else "",
         folder=lambda wildcards, output: Path(output.manifest).parent,
     shell:
         "spinecohort phantom {params.folder} --subjects {params.subjects} --seed {params.seed}"
-        " --preset {params.preset} --batch-size {params.batch_size} --snapshot &> {log}"
+        " --preset {params.preset} --batch-size {params.batch_size} {params.ribs} --snapshot &> {log}"
