@@ -79,7 +79,7 @@ def test_the_readme_bids_line_runs_a_bids_folder_and_then_only_the_new_subject(d
     # The README's example config names the models as SPINEPS does: the demo models under its release folders.
     models = tmp_path / "spineps_models"
     models.mkdir()
-    for kind, name in (("semantic", "t2w"), ("instance", "instance")):
+    for kind, name in (("semantic", "t2w"), ("instance", "instance"), ("labeling", "t2w_labeling")):
         (models / RELEASES[kind][name]).symlink_to(ROOT / "resources" / "demo_models" / kind)
     env = {**os.environ, MODELS_VARIABLE: str(models)}
 

@@ -177,8 +177,8 @@ def test_the_demo_gives_exact_levels_one_geometry_and_says_count_where_it_counts
     assert (rates[rates.region != "thoracic"].value == 1.0).all() and len(rates) == len(table)
     assert (rates[rates.region == "thoracic"].value >= 0.92).all() and (rates.flag == levels.numbering[rates.image_id].values).all()
     levels_md = (demo_local_run / "summary" / "levels.md").read_text()
-    assert "| Cervical  |        4 | C2 4        | 1.000 ± 0.000" in levels_md
-    assert "| Thoracic  |        4 | subject 4   | 1.000 ± 0.000         | 51 of 51" in levels_md
+    assert "| Cervical  |        4 | model 4     | 1.000 ± 0.000" in levels_md
+    assert "| Thoracic  |        4 | model 4     | 1.000 ± 0.000         | 51 of 51" in levels_md
     subjects = pd.read_csv(demo_local_run / "summary" / layout.SUBJECT_LEVELS, sep="\t", dtype=str, keep_default_na=False)
     assert list(subjects.vertebrae) == ["23"] * 4 and set(subjects.linked) == {"cervical-thoracic thoracic-lumbar"}
     # Getting started shows both demo tables as this run writes them (the demo is deterministic); the README four

@@ -300,7 +300,7 @@ def test_a_cohort_without_references_finishes_and_a_fixed_image_alone_is_redone(
     assert retry.returncode == 0 and f"{fixed}: b0004 -> b0005" in retry.stderr, retry.stderr
     moved = cohort.read_manifest(manifest).set_index("image_id").loc[fixed]
     assert (moved.batch, moved.earlier_batches) == ("b0005", "b0004")
-    per_image = ("bias_correct", "resample", "average_folds", "assemble_instances", "restore", "label_levels", "score")
+    per_image = ("bias_correct", "resample", "average_folds", "assemble_instances", "restore", "label_vertebrae", "label_levels", "score")
     assert _plan(configfile) == {**dict.fromkeys(per_image, 1), "predict_fold": 3, "summarize": 1, "all": 1}
     rerun = subprocess.run(["snakemake", "--cores", "2", "--configfile", str(configfile)], cwd=ROOT, capture_output=True, text=True,
                            timeout=1800)  # fmt: skip

@@ -179,17 +179,23 @@ def test_the_exact_search_is_spinepss_minimum_and_lower_where_its_greedy_search_
     )
 
 
-def test_spineps_loads_a_labelling_model_we_write_and_labels_like_us(tmp_path: Path):
-    """The export format (`labeling_net.write_labeling_model`, for the models our rules will train): SPINEPS's own
-    loader reads it, and its phase gives our posteriors and ids on a phantom station (references as the masks)."""
+@pytest.mark.parametrize("made", ["random", "demo"])
+def test_spineps_loads_a_labelling_model_we_write_and_labels_like_us(tmp_path: Path, made: str):
+    """The export format (`labeling_net.write_labeling_model`): SPINEPS's own loader reads it, and its phase gives our
+    posteriors and ids on a phantom station (references as the masks). `random`: a DenseNet121 of random weights;
+    `demo`: the shipped demo labelling model (trained by rule train_labeling, float16 weights, five heads) on a ribbed
+    T13 phantom, the images it was trained for."""
     from spinecohort.labeling import label_station, station_cutouts, stored_type
     from spinecohort.labeling_net import load_labeling_model, random_labeling_net, write_labeling_model
     from spinecohort.phantom import write_cohort
 
-    write_labeling_model(
-        tmp_path / "ours", random_labeling_net(backbone="DENSENET121", scale=100, seed=5), final_size=(128, 144, 32)
-    )
-    manifest = write_cohort(tmp_path / "cohort", subjects=1, preset="small")
+    if made == "random":
+        write_labeling_model(
+            tmp_path / "ours", random_labeling_net(backbone="DENSENET121", scale=100, seed=5), final_size=(128, 144, 32)
+        )
+    else:
+        shutil.copytree(DEMO_MODELS / "labeling", tmp_path / "ours")
+    manifest = write_cohort(tmp_path / "cohort", subjects=1, preset="small", ribs=made == "demo", anomaly="t13" if made == "demo" else "none")
     row = pd.read_csv(manifest, sep="\t", dtype=str).query("region == 'lumbar'").iloc[0]
     image, vert, spine = (manifest.parent / row[k] for k in ("image", "reference_instance", "reference_semantic"))
     side("run", tmp_path / "ours", image, vert, spine, tmp_path / "spineps.json")
