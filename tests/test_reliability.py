@@ -185,7 +185,10 @@ def test_a_hostile_cohort_fails_only_its_bad_images(demo_local_run: Path, tmp_pa
     pd.concat([good, pd.DataFrame(rows)], ignore_index=True).to_csv(manifest, sep="\t", index=False)
     results = tmp_path / "results"
     configfile = folder / "config.yaml"
-    configfile.write_text(yaml.safe_dump({"demo": {"enabled": False}, "manifest": str(manifest), "results": str(results)}))
+    # Without the labelling model: a lumbar station alone is then numbered from its sacrum (with the model, whose
+    # column has no count from C2 here, it would be counted).
+    configfile.write_text(yaml.safe_dump({"demo": {"enabled": False}, "manifest": str(manifest), "results": str(results),
+                                          "labeling_model": {"path": "none"}}))  # fmt: skip
     run = subprocess.run(["snakemake", "--cores", "2", "--configfile", str(configfile)], cwd=ROOT,
                          capture_output=True, text=True, timeout=1800)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
@@ -207,7 +210,7 @@ def test_a_hostile_cohort_fails_only_its_bad_images(demo_local_run: Path, tmp_pa
     scores = {run: table[table.image_id.isin(good.image_id)].sort_values(["image_id", "structure", "metric"]).reset_index(drop=True)
               for run, table in scores.items()}
     levels = {run: table.structure == "Vertebra levels" for run, table in scores.items()}
-    assert set(scores[demo_local_run].flag[levels[demo_local_run]]) == {"subject"}
+    assert set(scores[demo_local_run].flag[levels[demo_local_run]]) == {"model"}
     assert set(scores[results].flag[levels[results]]) == {"sacrum"}
     for run, table in scores.items():
         table.loc[levels[run], "flag"] = ""
@@ -307,13 +310,17 @@ def test_a_cohort_without_references_finishes_and_a_fixed_image_alone_is_redone(
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert pd.read_csv(summary / "failures.tsv", sep="\t").empty
     assert len(pd.read_parquet(summary / layout.QC_TABLE)) == 13
-    # The fixed image is the demo's lumbar station: the same masks, numbered from its sacrum.
+    # The fixed image is the demo's lumbar station: the same masks. Alone (its subject has no other station) the
+    # labelling model's column has no count from C2, so it is counted, with the reason, not numbered from the sacrum.
     tree, demo_tree = results / "derivatives" / "spinecohort", demo_local_run / "derivatives" / "spinecohort"
     source = table.set_index("image").loc[str(good)]
-    for seg in ("spine", "vert"):
-        mine = nib.load(layout.derivative(tree, "fixed", "", fixed, seg)).get_fdata()
-        theirs = nib.load(layout.derivative(demo_tree, source.subject, "", source.image_id, seg)).get_fdata()
-        assert np.array_equal(mine, theirs), seg
+    mine, theirs = ({seg: nib.load(layout.derivative(root, subject, "", image_id, seg)).get_fdata() for seg in ("spine", "vert")}
+                    for root, subject, image_id in ((tree, "fixed", fixed), (demo_tree, source.subject, source.image_id)))  # fmt: skip
+    assert np.array_equal(mine["spine"], theirs["spine"])
+    pairs = {(int(a), int(b)) for a, b in zip(mine["vert"].ravel(), theirs["vert"].ravel()) if a or b}
+    assert len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs})  # the same vertebrae, other ids
+    ledger = pd.concat(pd.read_csv(f, sep="\t", dtype=str, keep_default_na=False) for f in results.glob(f"work/*/{layout.folder('label-levels')}/{layout.LEDGER}"))
+    assert ledger.set_index("image_id").loc[fixed, "numbering"] == "count" and "counted" in ledger.set_index("image_id").loc[fixed, "message"]
     assert _plan(configfile) == {}  # finished
 
 
