@@ -32,9 +32,9 @@ from .subject_levels import Station, SubjectLevels
 
 CUT_VIEW_WEIGHT: Final = 0.05  # a view the model calls cut still counts, a little (two cut views: their mean)
 # A column without both anchors (C2 and the sacrum) has no count to tell a T13 from a T12, an L6 from an L5: there, a
-# station whose margin is below this is counted, not named. Calibrated on the demo labelling model: the smallest
-# margin above every contradicted claim of an unanchored column, alone or linked, in 40 phantom subjects (seed 501;
-# docs/labeling.md).
+# station whose margin is below this is counted, not named (config labeling_model.min_margin). Calibrated on the demo
+# labelling model: the smallest margin above every contradicted claim of an unanchored column, alone or linked, in
+# 40 phantom subjects (seed 501; docs/labeling.md). Another model needs its own.
 MIN_MARGIN: Final = 0.55
 
 
@@ -49,9 +49,9 @@ class ColumnLabels:
     anchored: bool  # C2 and the sacrum both in the column: its count is the subject's
     cost: float
 
-    def undecided(self, image_id: str) -> bool:
+    def undecided(self, image_id: str, min_margin: float = MIN_MARGIN) -> bool:
         """Does the evidence leave this station's levels open (no count from C2 to the sacrum, a small margin)?"""
-        return not self.anchored and self.margins[image_id] < MIN_MARGIN
+        return not self.anchored and self.margins[image_id] < min_margin
 
 
 def combine(views: Sequence[dict[str, NDArray[np.float64]]], heads: dict[str, int]) -> dict[str, NDArray[np.float64]]:
@@ -127,7 +127,7 @@ def column_facts(ids: Sequence[int]) -> tuple[int, int, str]:
 
 
 def apply_joint(result: SubjectLevels, stations: Sequence[Station], posteriors: dict[str, Posteriors], *,
-                enforce_12_thoracic: bool = False) -> None:
+                enforce_12_thoracic: bool = False, min_margin: float = MIN_MARGIN) -> None:
     """Put one labelling per linked component into `result` (see the module doc). Where the model's column differs
     from what the links and anchors alone gave, the model's ids stand and the station's reason says so with both."""
     by_id = {s.image_id: s for s in stations}
@@ -139,11 +139,11 @@ def apply_joint(result: SubjectLevels, stations: Sequence[Station], posteriors: 
             continue
         for s in members:
             result.margins[s.image_id] = column.margins[s.image_id]
-            if column.undecided(s.image_id):  # counted: a count claims no level
+            if column.undecided(s.image_id, min_margin):  # counted: a count claims no level
                 result.maps[s.image_id] = dict(zip((s.before_top, *s.ids), range(1, len(s) + 2)))
                 result.modes[s.image_id], result.levels[s.image_id] = "count", list(range(2, len(s) + 2))
                 result.reasons[s.image_id] = (f"the labelling model's column has no count from C2 to the sacrum and its levels here are not "
-                                              f"clear (margin {column.margins[s.image_id]:.2f} < {MIN_MARGIN}): counted")  # fmt: skip
+                                              f"clear (margin {column.margins[s.image_id]:.2f} < {min_margin:g}): counted")  # fmt: skip
                 continue
             before, after, mode = result.levels[s.image_id], column.ids[s.image_id], result.modes[s.image_id]
             result.reasons[s.image_id] = (f"labelling model {level_span(after)} and {mode} numbering {level_span(before)} differ: the model's ids stand"

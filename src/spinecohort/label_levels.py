@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 def label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path], derivatives: Path, provenance: Path,
                  whole_spine: bool = False, labeling: Sequence[Path] = (), per_station: bool = False,
-                 enforce_12_thoracic: bool = False) -> None:
+                 enforce_12_thoracic: bool = False, min_margin: float | None = None) -> None:
     """Subject-level ids (`subject_levels`) for the stations of a subject group: each station's vertebra mask with
     those ids, its provenance sidecar, its snapshot, and `layout.SUBJECT_LEVELS`; the masks restore numbered by
     station stay in its folder. With `whole_spine`, each subject's stations that carry levels also as one stitched
@@ -87,7 +87,8 @@ def label_levels(*, manifest: Path, batch: str, out: Path, restore: list[Path], 
             if per_station:
                 apply_model(result, stations, named)
             else:
-                apply_joint(result, stations, posteriors, enforce_12_thoracic=enforce_12_thoracic)
+                apply_joint(result, stations, posteriors, enforce_12_thoracic=enforce_12_thoracic,
+                            **({} if min_margin is None else {"min_margin": min_margin}))
             joined = ""
             if whole_spine and result.whole_spine:
                 joined = _stitch_subject(out, subject, session, everyone, result, masks, derivatives)

@@ -434,7 +434,7 @@ STAGE_COMMANDS: dict[str, tuple[Callable[..., None], str, tuple[tuple[tuple[str,
         _option("--whole-spine", action="store_true", help="also each subject's stitched whole-spine masks and snapshot"),
         _option("--labeling", type=Path, nargs="*", default=[], help="the label-vertebrae folders of those batches (a labelling model's ids)"),
         _option("--per-station", action="store_true", help="each station keeps its labelling model's own ids (SPINEPS), not one search per subject"),
-        _ENFORCE_12)),
+        _ENFORCE_12, _option("--min-margin", type=float, help="a station of a column without C2 and the sacrum is counted below this margin"))),
     "score": (_score, "DSC and ASSD per structure against the manifest's reference masks", (
         _option("--input", type=Path, required=True, help="the batch's restore folder (its semantic masks)"),
         _option("--levels", type=Path, nargs="+", required=True, help="the label-levels folders holding the batch's vertebra masks"),

@@ -94,6 +94,8 @@ LABEL_LEVELS_FLAGS = " ".join(
     f"--{key.replace('_', '-')}"
     for key in ("per_station", "enforce_12_thoracic")
     if LABELING_MODEL and config["labeling_model"][key]
+) + (
+    f" --min-margin {config['labeling_model']['min_margin']}" if LABELING_MODEL else ""
 )
 
 
