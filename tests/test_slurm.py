@@ -154,7 +154,7 @@ def test_demo_runs_on_slurm_like_locally_and_survives_a_killed_job(cluster, demo
     jobs = accounting(since)
     assert list(jobs.state[jobs.job == killed]) == ["FAILED"], jobs
     assert set(jobs.state[jobs.job != killed]) == {"COMPLETED"}, jobs
-    gpu_jobs = jobs[jobs.rule.isin(["predict_fold", "assemble_instances"])]
+    gpu_jobs = jobs[jobs.rule.isin(["predict_fold", "assemble_instances", "label_vertebrae"])]
     folds_done = gpu_jobs[(gpu_jobs.rule == "predict_fold") & (gpu_jobs.state == "COMPLETED")]
     assert len(folds_done) == 3  # one batch x three folds, the killed one redone
     assert (gpu_jobs.partition == "gpu").all() and gpu_jobs.tres.str.contains("gres/gpu=1").all()
