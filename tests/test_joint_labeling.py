@@ -140,6 +140,19 @@ def test_an_unlinked_lumbar_station_on_the_sacrum_is_named_by_its_ribs_not_count
     assert result.maps[lumbar.image_id][lumbar.before_top] == column[column.index(top) - 1]  # its top IVD: the level above
 
 
+def test_a_station_counted_for_want_of_a_clear_margin_leaves_the_stitch():
+    """Cervical and thoracic linked, no lumbar station: the links join both (from C2) for stitching; the model's column
+    has no sacrum, and where its margins are unclear (flat posteriors) the stations are counted and the stitch,
+    which would mix counts with levels, is dropped."""
+    stations, truth = subject_stations(2, regions=("cervical", "thoracic"))
+    result = SL.label_subject(stations)
+    assert len(result.whole_spine) == 2
+    apply_joint(result, stations, posteriors_of(stations, truth, flat=("cervical", "thoracic")), min_margin=10.0)
+    counted = [s.image_id for s in stations if result.modes[s.image_id] == "count"]
+    assert counted and all(len(result.levels[i]) for i in counted)
+    assert result.whole_spine == {} or not set(counted) & set(result.whole_spine)
+
+
 def test_a_shared_vertebra_takes_the_view_that_saw_it_whole():
     whole = {"VERT": peaked(24, 5, 0.9), "FULLYVISIBLE": peaked(2, 1, 0.9)}
     cut = {"VERT": peaked(24, 9, 0.9), "FULLYVISIBLE": peaked(2, 0, 0.9)}

@@ -10,7 +10,7 @@ Each linked component becomes one column of nodes, top first:
 - the stations' own anchors are constraints: a cervical station's C2 (the dens, `instances`) is class C2, and a
   lumbar station's last vertebra, the one on the sacrum, ends the lumbar spine (L5; L6 where the column has six).
 
-`label_search.search` then names every node at once, so C2, the sacrum and each station's rib evidence constrain
+`label_search.search_states` then names every node at once, so C2, the sacrum and each station's rib evidence constrain
 every level (SPINEPS's model sees one station at a time). Unlinked stations are components of one, labelled alone
 with their own anchor. A station's margin is how much more the cheapest path that names any of its vertebrae
 otherwise costs: 0 is a tie, the evidence does not decide.
@@ -160,5 +160,8 @@ def apply_joint(result: SubjectLevels, stations: Sequence[Station], posteriors: 
     if stitched:
         top = result.shifts[stitched[0]]
         result.whole_spine = {i: result.shifts[i] - top for i in stitched}
+    else:  # what the links alone joined, less what is now counted: a stitch never mixes counts with levels
+        kept = {i: v for i, v in result.whole_spine.items() if result.modes[i] != "count"}
+        result.whole_spine = kept if len(kept) > 1 else {}
 
 
