@@ -241,8 +241,10 @@ def label_vertebrae(*, manifest: Path, batch: str, out: Path, threads: int, rest
 
 
 # Numbering precedence, in one place. A station's published ids come from, first to last:
-#   1. the labelling model (SPINEPS 2.x's answer): it sees every vertebra's shape, works in any single station, and
-#      alone names T13 and L6; it must have named every vertebra of the station, else the station keeps what 2-4 give;
+#   1. the labelling model: by default one search over the subject's linked stations, C2 and the sacrum as
+#      constraints (`joint_labeling.apply_joint`; a station whose column lacks both anchors and whose margin is small
+#      is counted instead); with per_station, each station's own answer (SPINEPS 2.x's, `apply_model`), which must
+#      name every vertebra of the station, else the station keeps what 2-4 give;
 #   2. the subject's links: a station linked to an anchored one takes that anchor's levels (`subject_levels`);
 #   3. the station's own anchor: its C2 (cervical) or sacrum (lumbar);
 #   4. a count from the top (ids are positions, not levels).
