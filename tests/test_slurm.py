@@ -111,7 +111,7 @@ def run_killing_one_fold_job(results: Path, manifest: Path, home: Path) -> tuple
     env = {**os.environ, "HOME": str(home)}
     subprocess.run(["bash", "-c", link], cwd=ROOT, env=env, check=True)
     demo = ["--config", f"results={results}", f"manifest={manifest}", "batch_size=4",
-            "semantic_model={path: demo}", "instance_model={path: demo}"]  # fmt: skip
+            "semantic_model={path: demo}", "instance_model={path: demo}", "labeling_model={path: demo}"]  # fmt: skip
     cmd = [*shlex.split(command), *demo, *TEST_OVERRIDES]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     killed = None

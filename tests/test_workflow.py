@@ -82,11 +82,11 @@ def test_the_readme_slurm_short_form_plans_jobs_with_the_profiles_threads(tmp_pa
     assert (tmp_path / "home" / ".config" / "snakemake" / "slurm" / "config.yaml").is_file()
     manifest = write_cohort(tmp_path / "cohort", subjects=1)
     overrides = ["-n", "-p", "--config", f"results={tmp_path / 'results'}", f"manifest={manifest}",
-                 "semantic_model={path: demo}", "instance_model={path: demo}"]  # fmt: skip
+                 "semantic_model={path: demo}", "instance_model={path: demo}", "labeling_model={path: demo}"]  # fmt: skip
     proc = subprocess.run([*shlex.split(command), *overrides], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     threads = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())["set-threads"]
-    for rule, cli in (("predict_fold", "predict-fold"), ("assemble_instances", "assemble-instances")):
+    for rule, cli in (("predict_fold", "predict-fold"), ("assemble_instances", "assemble-instances"), ("label_vertebrae", "label-vertebrae")):
         planned = {line.split("--threads ")[1].split()[0] for line in proc.stdout.splitlines() if f"spinecohort {cli}" in line}
         assert planned == {str(threads[rule])}, (rule, planned)
 
