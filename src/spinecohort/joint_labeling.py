@@ -99,13 +99,14 @@ def label_column(members: Sequence[Station], positions: dict[str, int], posterio
     except ValueError:
         return None
     ids = ids_from_states(path, axis)
+    # Per node, the cost of the cheapest path that names it otherwise: once, though shared nodes serve two stations.
+    otherwise = [_cost_without(table, moves, last, blocked, state) - cost for state in path]
     out_ids, margins, above = {}, {}, {}
     for s in members:
         start = positions[s.image_id] - first
         out_ids[s.image_id] = ids[start : start + len(s)]
         above[s.image_id] = ids[start - 1] if start > 0 else level_above(ids[start])
-        margins[s.image_id] = min((_cost_without(table, moves, last, blocked, state) - cost
-                                   for state in path[start : start + len(s)]), default=float("inf"))  # fmt: skip
+        margins[s.image_id] = min(otherwise[start : start + len(s)], default=float("inf"))
     anchored = bool(blocked) and last is not None
     return ColumnLabels(out_ids, margins, above, ids, anchored, cost)
 
