@@ -141,7 +141,7 @@ def apply_joint(result: SubjectLevels, stations: Sequence[Station], posteriors: 
         for s in members:
             result.margins[s.image_id] = column.margins[s.image_id]
             if column.undecided(s.image_id, min_margin):  # counted: a count claims no level
-                result.maps[s.image_id] = dict(zip((s.before_top, *s.ids), range(1, len(s) + 2)))
+                result.maps[s.image_id] = s.count_map()
                 result.modes[s.image_id], result.levels[s.image_id] = "count", list(range(2, len(s) + 2))
                 result.reasons[s.image_id] = (f"the labelling model's column has no count from C2 to the sacrum and its levels here are not "
                                               f"clear (margin {column.margins[s.image_id]:.2f} < {min_margin:g}): counted")  # fmt: skip

@@ -70,6 +70,10 @@ class Station:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def count_map(self) -> dict[int, int]:
+        """Its ids to a count from the top (the IVD above the top vertebra 101): positions, no level claimed."""
+        return dict(zip((self.before_top, *self.ids), range(1, len(self) + 2)))
+
 
 def station_vertebrae(instance: NDArray[np.integer], semantic: NDArray[np.integer], affine: NDArray[np.float64], *,
                       image_id: str, region: str, mode: str) -> Station:
@@ -306,7 +310,7 @@ def _number_from_c2(out: SubjectLevels, members: list[Station], comp: dict[str, 
         if s is top or (s is bottom and out.vertebrae is not None and last_sure < 0):
             continue  # keeps its own anchor
         if s is bottom and last_sure < len(sequence) - 1:  # the sacrum's levels assume the common column
-            out.maps[s.image_id] = dict(zip((s.before_top, *s.ids), range(1, len(s) + 2)))
+            out.maps[s.image_id] = s.count_map()
             out.modes[s.image_id], out.reasons[s.image_id] = "count", out.note
             continue
         if start < 0 or start + len(s) - 1 > last_sure:
