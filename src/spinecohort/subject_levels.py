@@ -10,7 +10,8 @@ from C2, from the sacrum, or a count). Here, per subject:
    that implies the least motion wins, if it is consistent (every pair near that displacement)
    and clearly less than the next (else the link is refused as ambiguous, never guessed). A
    one-level slip implies a motion of one vertebra's height (17-40 mm), so the choice is safe while
-   the patient moved less than about half of that between two stations.
+   the patient moved less than about half of that between two stations. Fields that share no vertebra
+   compete as abutting pairings (`abutting_shift`: the column's step bridges the gap).
 3. `label_subject`: ids along the column from C2 (position 0) for every station the links reach
    from an anchored cervical station. A link to an anchored lumbar station also counts the column
    from C2 to the sacrum: 23 is the common column (C2-C7, T1-T12, L1-L5), and every station gets
@@ -45,6 +46,9 @@ MIN_SHARED: Final = 1
 CONSISTENT_MM: Final = 8.0
 MAX_MOTION_MM: Final = 15.0
 MARGIN_MM: Final = 6.0
+# Fields that share no vertebra (a short overlap, a longer column) are paired too: the lower one's first vertebra right
+# below the upper one's last, or one level further (a vertebra neither shows), by the column's step at that end.
+ABUTTING_GAPS: Final = 2
 # Vertebrae from C2 to the last one above the sacrum: the common column, and one with a transitional vertebra.
 COMMON_COLUMN: Final = len(L.level_sequence(first="C2")) - 1
 ORDER: Final[dict[str, int]] = {region: k for k, region in enumerate(L.REGIONS)}  # top to bottom
@@ -134,6 +138,10 @@ def link(upper: Station, lower: Station) -> Link:
         shift = d.mean(axis=0)
         if np.linalg.norm(d - shift, axis=1).max() <= CONSISTENT_MM:
             candidates.append((float(np.linalg.norm(shift)), offset, (float(shift[0]), float(shift[1]), float(shift[2]))))
+    for gap in range(ABUTTING_GAPS):  # fields that share no vertebra: the lower one's top follows `gap` levels below
+        shift = abutting_shift(upper, lower, gap)
+        if shift is not None:
+            candidates.append((float(np.linalg.norm(shift)), len(upper) + gap, (float(shift[0]), float(shift[1]), float(shift[2]))))
     name = f"{upper.region} and {lower.region}"
     if not candidates:
         return Link(None, reason=f"{name} share no {MIN_SHARED} vertebrae at one displacement")
@@ -144,6 +152,26 @@ def link(upper: Station, lower: Station) -> Link:
     if len(candidates) > 1 and candidates[1][0] - motion < MARGIN_MM:
         return Link(None, reason=f"{name}: ambiguous, pairings imply {motion:.0f} and {candidates[1][0]:.0f} mm of motion")
     return Link(offset, motion, shift=refined_shift(upper, lower, offset, shift))
+
+
+def abutting_shift(upper: Station, lower: Station, gap: int) -> NDArray[np.float64] | None:
+    """The displacement (lower minus upper) implied if the lower field's first vertebra lies `gap` levels below the
+    upper field's last one: the two ends' sound centroids, less the levels between them at the column's local step
+    (the mean of the step each field shows at that end). None where a field shows fewer than two vertebrae."""
+    if len(upper) < 2 or len(lower) < 2:
+        return None
+    i = _sound_end(upper.whole, last=True)
+    j = _sound_end(lower.whole, last=False)
+    step = ((upper.centres[i] - upper.centres[i - 1]) + (lower.centres[j + 1] - lower.centres[j])) / 2
+    levels = (len(upper) - i) + gap + j  # from upper[i] down to lower[j]
+    return lower.centres[j] - upper.centres[i] - levels * step
+
+
+def _sound_end(whole: NDArray[np.bool_], *, last: bool) -> int:
+    """The index of the field's end vertebra nearest the other field whose centroid is sound (not cut by the border),
+    leaving one neighbour on the inner side to measure the step; the end itself where none is."""
+    inner = range(len(whole) - 1, 0, -1) if last else range(len(whole) - 1)
+    return next((k for k in inner if whole[k]), len(whole) - 1 if last else 0)
 
 
 def refined_shift(upper: Station, lower: Station, offset: int, shift: tuple[float, float, float]) -> tuple[float, float, float]:
@@ -157,6 +185,8 @@ def refined_shift(upper: Station, lower: Station, offset: int, shift: tuple[floa
     lower field carry the same structure there (`match_shift`).
     """
     j = np.arange(max(0, -offset), min(len(lower), len(upper) - offset))
+    if not len(j):  # abutting fields: nothing to refine it by
+        return shift
     moves = (lower.centres[j] - upper.centres[j + offset])[upper.whole[j + offset] & lower.whole[j]]
     if upper.discs is not None and lower.discs is not None:
         moves = np.concatenate([moves, lower.discs[j] - upper.discs[j + offset]])
