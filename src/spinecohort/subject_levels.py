@@ -126,7 +126,7 @@ class Link:
 
 def link(upper: Station, lower: Station) -> Link:
     """The pairing of two stations' vertebrae that implies the least patient motion (see module doc)."""
-    candidates = []
+    candidates: list[tuple[float, int, tuple[float, float, float], bool]] = []  # motion, offset, shift, from cut ones only
     for offset in range(1 - len(lower), len(upper)):
         j = np.arange(len(lower))
         j = j[(j + offset >= 0) & (j + offset < len(upper))]
@@ -137,21 +137,32 @@ def link(upper: Station, lower: Station) -> Link:
         d = lower.centres[use] - upper.centres[use + offset]
         shift = d.mean(axis=0)
         if np.linalg.norm(d - shift, axis=1).max() <= CONSISTENT_MM:
-            candidates.append((float(np.linalg.norm(shift)), offset, (float(shift[0]), float(shift[1]), float(shift[2]))))
+            candidates.append((float(np.linalg.norm(shift)), offset, _triple(shift), sound.sum() < MIN_SHARED))
     for gap in range(ABUTTING_GAPS):  # fields that share no vertebra: the lower one's top follows `gap` levels below
         shift = abutting_shift(upper, lower, gap)
         if shift is not None:
-            candidates.append((float(np.linalg.norm(shift)), len(upper) + gap, (float(shift[0]), float(shift[1]), float(shift[2]))))
+            candidates.append((float(np.linalg.norm(shift)), len(upper) + gap, _triple(shift), False))
     name = f"{upper.region} and {lower.region}"
     if not candidates:
         return Link(None, reason=f"{name} share no {MIN_SHARED} vertebrae at one displacement")
     candidates.sort()
-    motion, offset, shift = candidates[0]
+    # A vertebra cut by a field's border has its centroid pulled inwards, by up to half its height: where one of the
+    # two best pairings rests on cut vertebrae alone, both are measured again from the structures themselves.
+    refined = {}
+    if any(c[3] for c in candidates[:2]):
+        for _, offset, shift, _ in candidates[:2]:
+            refined[offset] = refined_shift(upper, lower, offset, shift)
+        candidates = sorted([(float(np.linalg.norm(refined[c[1]])), c[1], refined[c[1]], False) for c in candidates[:2]] + candidates[2:])
+    motion, offset, shift, _ = candidates[0]
     if motion > MAX_MOTION_MM:
         return Link(None, reason=f"{name}: the best pairing implies {motion:.0f} mm of motion (over {MAX_MOTION_MM:.0f})")
     if len(candidates) > 1 and candidates[1][0] - motion < MARGIN_MM:
         return Link(None, reason=f"{name}: ambiguous, pairings imply {motion:.0f} and {candidates[1][0]:.0f} mm of motion")
-    return Link(offset, motion, shift=refined_shift(upper, lower, offset, shift))
+    return Link(offset, motion, shift=refined[offset] if offset in refined else refined_shift(upper, lower, offset, shift))
+
+
+def _triple(v: NDArray[np.float64]) -> tuple[float, float, float]:
+    return (float(v[0]), float(v[1]), float(v[2]))
 
 
 def abutting_shift(upper: Station, lower: Station, gap: int) -> NDArray[np.float64] | None:
@@ -199,7 +210,7 @@ def refined_shift(upper: Station, lower: Station, offset: int, shift: tuple[floa
         estimate = match_shift(upper.mask, upper.affine, lower.mask, lower.affine, pairs, np.array(shift))
     else:
         return shift
-    return (float(estimate[0]), float(estimate[1]), float(estimate[2]))
+    return _triple(estimate)
 
 
 # match_shift's search: a cube of SEARCH_MM about the start in STEP_MM, then one step's cube in FINE_MM, each
