@@ -382,29 +382,13 @@ def _transverse_span(kind: str, canal_lr: float) -> tuple[float, float]:
     return inner, inner + _TRANSVERSE_MM[kind]
 
 
-# Ribs 2-9 articulate with two vertebrae, their heads at the disc above their own (demifacets); the 1st and the 10th
-# and below, with their own body alone (a full facet, at its upper half). Counted from the top, so the pattern
-# marks T1 and T10 in any column, the rib evidence a thoracic field can count from.
-DEMIFACET_RIBS: Final = range(2, 10)
-
-
-def costal_facet(subject: Subject, v: Vertebra) -> float:
-    """Where the head of `v`'s rib meets the column (s, mm): the disc above for ribs 2-9, else its own body."""
-    column = subject.vertebrae
-    thoracic = [u.level for u in column if u.kind == "T"]
-    k = column.index(v)
-    if v.level in thoracic and thoracic.index(v.level) + 1 in DEMIFACET_RIBS and k > 0:
-        return v.top - column[k - 1].disc / 2
-    return v.top + 0.35 * v.height
-
-
-def rib_path(v: Vertebra, shaft: float, canal_ap: float, canal_lr: float, head_s: float) -> NDArray[np.float64]:
-    """The left rib of `v` as a polyline in (s, n, lft): its head at the body's posterolateral corner at `head_s`
-    (the costovertebral joint, `costal_facet`), its tubercle under the transverse process's tip (the
+def rib_path(v: Vertebra, shaft: float, canal_ap: float, canal_lr: float) -> NDArray[np.float64]:
+    """The left rib of `v` as a polyline in (s, n, lft): its head at the body's posterolateral corner (at the
+    upper endplate: the costovertebral joint), its tubercle under the transverse process's tip (the
     costotransverse joint), then the shaft running posterolaterally and down for `shaft` mm."""
     n_c = -(v.depth / 2 + 1.0 + canal_ap)
     _, tip = _transverse_span("T", canal_lr)
-    head = (head_s, -0.3 * v.depth, v.width / 2 + 2.0)
+    head = (v.top + 1.0, -0.3 * v.depth, v.width / 2 + 2.0)
     tubercle = (v.centre - 1.0, n_c - 0.4 * canal_ap + 5.0, tip - 2.0)
     direction = np.array([0.35, -0.45, 0.82]) / np.linalg.norm([0.35, -0.45, 0.82])
     return np.array([head, tubercle, np.asarray(tubercle) + shaft * direction])
@@ -419,7 +403,7 @@ def _paint_ribs(cv: _Canvas, subject: Subject, canal_ap, canal_lr) -> None:
     lft = cv.lft[None, :]
     for level, shaft in subject.ribs:
         v = by_level[level]
-        path = rib_path(v, shaft, float(canal_ap(v.centre)), float(canal_lr(v.centre)), costal_facet(subject, v))
+        path = rib_path(v, shaft, float(canal_ap(v.centre)), float(canal_lr(v.centre)))
         lo, hi = path.min(axis=0) - RIB_RADIUS_MM, path.max(axis=0) + RIB_RADIUS_MM
         sel, s, n = cv.window(lo[0], hi[0], lo[1], hi[1])
         for side in (1.0, -1.0):
