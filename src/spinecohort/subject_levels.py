@@ -213,44 +213,63 @@ def refined_shift(upper: Station, lower: Station, offset: int, shift: tuple[floa
     return _triple(estimate)
 
 
-# match_shift's search: a cube of SEARCH_MM about the start in STEP_MM, then one step's cube in FINE_MM, each
-# trying that many of the upper station's voxels (evenly thinned).
-SEARCH_MM: Final = 10.0
-STEP_MM: Final = 2.5
-FINE_MM: Final = 0.5
-COARSE_POINTS: Final = 500
-FINE_POINTS: Final = 2_000
+# match_shift's search, coarse to fine: per stage a cube of that radius (mm) about the last best, in that step (mm),
+# trying that many voxels of each field's shared structures (evenly thinned). 15 mm: a cut vertebra's centroid, where
+# the start comes from, is pulled inwards by up to half a body's height.
+SEARCH_STAGES: Final = ((15.0, 5.0, 500), (5.0, 1.25, 1_000), (1.25, 0.5, 2_000))
 
 
 def match_shift(upper: NDArray[np.integer], upper_affine: NDArray[np.float64], lower: NDArray[np.integer],
                 lower_affine: NDArray[np.float64], pairs: dict[int, int], start: NDArray[np.float64]) -> NDArray[np.float64]:
-    """The world shift (lower minus upper) near `start` under which the most upper voxels of the structures in
-    `pairs` (upper id -> lower id) that land in the lower field meet their own structure there (nearest voxel);
-    ties go to the shift nearest `start`."""
-    lut = np.zeros(max(max(pairs), int(upper.max())) + 1, np.int64)
-    lut[list(pairs)] = list(pairs.values())
-    voxels = np.argwhere(np.isin(upper, list(pairs)))
-    if not len(voxels):
+    """The world shift (lower minus upper) near `start` under which the most voxels of the structures in `pairs`
+    (upper id -> lower id) that land in the other field meet their own structure there (nearest voxel), counted both
+    ways; ties go to the shift nearest `start`. Both ways, because a structure cut by one field's border fits inside
+    its whole self over a range of shifts (the start's side wins the tie), while the whole one lands on the cut one's
+    field without a miss only where it truly lies."""
+    ways = [w for w in (_landings(upper, upper_affine, lower, lower_affine, pairs, 1.0),
+                        _landings(lower, lower_affine, upper, upper_affine, {b: a for a, b in pairs.items()}, -1.0)) if w]  # fmt: skip
+    if not ways:
         return start
-    inverse = np.linalg.inv(lower_affine)
-    to_lower = inverse[:3, :3] @ upper_affine[:3, :3]  # upper voxel -> lower voxel, before the shift
-    origin = inverse[:3, :3] @ upper_affine[:3, 3] + inverse[:3, 3]
-    shape, flat = np.asarray(lower.shape), lower.ravel()
 
     def best(centre: NDArray[np.float64], radius: float, step: float, points: int) -> NDArray[np.float64]:
         axis = np.arange(-radius, radius + step / 2, step)
         candidates = centre + np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), axis=-1).reshape(-1, 3)
-        tried = voxels[:: max(1, len(voxels) // points)]
-        wanted = lut[upper[tuple(tried.T)]]
-        moved = (tried @ to_lower.T + origin).astype(np.float32)[None] + (candidates @ inverse[:3, :3].T).astype(np.float32)[:, None]
-        index = np.rint(moved).astype(np.int32)
-        inside = ((index >= 0) & (index < shape)).all(axis=2)
-        landed = flat[np.ravel_multi_index(tuple(np.moveaxis(np.where(inside[..., None], index, 0), 2, 0)), lower.shape)]
-        score = ((landed == wanted) & inside).sum(axis=1) / np.maximum(inside.sum(axis=1), 1)
+        met, landed = np.sum([way(candidates, points) for way in ways], axis=0)
+        score = met / np.maximum(landed, 1)
         top = np.flatnonzero(score >= score.max() - 1e-9)
         return candidates[top[np.argmin(np.linalg.norm(candidates[top] - start, axis=1))]]
 
-    return best(best(start, SEARCH_MM, STEP_MM, COARSE_POINTS), STEP_MM, FINE_MM, FINE_POINTS)
+    found = start
+    for radius, step, points in SEARCH_STAGES:
+        found = best(found, radius, step, points)
+    return found
+
+
+def _landings(source: NDArray[np.integer], source_affine: NDArray[np.float64], target: NDArray[np.integer],
+              target_affine: NDArray[np.float64], pairs: dict[int, int], sign: float):
+    """None where `source` holds none of `pairs`; else a function of (shifts (k, 3) world mm, points) giving per shift
+    how many of `points` evenly thinned source voxels of those structures, moved by sign * shift, land in the target
+    field on their paired structure, and how many land in the field at all."""
+    voxels = np.argwhere(np.isin(source, list(pairs)))
+    if not len(voxels):
+        return None
+    lut = np.zeros(max(max(pairs), int(source.max())) + 1, np.int64)
+    lut[list(pairs)] = list(pairs.values())
+    inverse = np.linalg.inv(target_affine)
+    to_target = inverse[:3, :3] @ source_affine[:3, :3]  # source voxel -> target voxel, before the shift
+    origin = inverse[:3, :3] @ source_affine[:3, 3] + inverse[:3, 3]
+    shape, flat = np.asarray(target.shape), target.ravel()
+
+    def count(shifts: NDArray[np.float64], points: int) -> NDArray[np.int64]:
+        tried = voxels[:: max(1, len(voxels) // points)]
+        wanted = lut[source[tuple(tried.T)]]
+        moved = (tried @ to_target.T + origin).astype(np.float32)[None] + (sign * shifts @ inverse[:3, :3].T).astype(np.float32)[:, None]
+        index = np.rint(moved).astype(np.int32)
+        inside = ((index >= 0) & (index < shape)).all(axis=2)
+        found = flat[np.ravel_multi_index(tuple(np.moveaxis(np.where(inside[..., None], index, 0), 2, 0)), target.shape)]
+        return np.stack([((found == wanted) & inside).sum(axis=1), inside.sum(axis=1)])
+
+    return count
 
 
 @dataclass
