@@ -28,7 +28,7 @@ from C2, from the sacrum, or a count). Here, per subject:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -246,7 +246,7 @@ def match_shift(upper: NDArray[np.integer], upper_affine: NDArray[np.float64], l
 
 
 def _landings(source: NDArray[np.integer], source_affine: NDArray[np.float64], target: NDArray[np.integer],
-              target_affine: NDArray[np.float64], pairs: dict[int, int], sign: float):
+              target_affine: NDArray[np.float64], pairs: dict[int, int], sign: float) -> Callable[[NDArray[np.float64], int], NDArray[np.int64]] | None:
     """None where `source` holds none of `pairs`; else a function of (shifts (k, 3) world mm, points) giving per shift
     how many of `points` evenly thinned source voxels of those structures, moved by sign * shift, land in the target
     field on their paired structure, and how many land in the field at all."""
