@@ -7,6 +7,8 @@ is compared with the reference's own level. The demo test in test_levels.py runs
 shipped models' output.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -123,8 +125,7 @@ def test_abutting_fields_moved_half_a_level_are_refused():
     (upper, lower), _ = subject_stations(4, anomaly="l6", regions=("thoracic", "lumbar"))
     assert SL.link(upper, lower).offset == len(upper)  # they abut
     step = lower.centres[2] - lower.centres[1]
-    moved = SL.Station(lower.image_id, lower.region, lower.mode, lower.ids, lower.centres + 0.5 * step, lower.whole, lower.before_top)
-    assert SL.link(upper, moved).offset is None
+    assert SL.link(upper, dataclasses.replace(lower, centres=lower.centres + 0.5 * step)).offset is None
 
 
 def test_a_subject_without_a_thoracic_station_keeps_its_anchors_and_says_why():
@@ -293,9 +294,7 @@ def test_a_pairing_on_cut_vertebrae_alone_is_measured_from_the_masks():
     along = (upper.centres[-1] - upper.centres[-2]) / np.linalg.norm(upper.centres[-1] - upper.centres[-2])
     centres = upper.centres.copy()
     centres[-1] -= 12.0 * along
-    pulled = SL.Station(upper.image_id, upper.region, upper.mode, upper.ids, centres, upper.whole, upper.before_top, upper.discs,
-                        upper.mask, upper.affine)  # fmt: skip
-    found = SL.link(pulled, lower)
+    found = SL.link(dataclasses.replace(upper, centres=centres), lower)
     assert found.offset == len(upper) - 1 and found.motion_mm < 2.8, found  # they share one vertebra
-    no_masks = SL.Station(upper.image_id, upper.region, upper.mode, upper.ids, centres, upper.whole, upper.before_top)
+    no_masks = dataclasses.replace(upper, centres=centres, discs=None, mask=None, affine=None)
     assert "17 mm of motion" in SL.link(no_masks, lower).reason
